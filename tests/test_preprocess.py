@@ -1,0 +1,216 @@
+"""Image preprocessing vs transformers' PIL CLIPImageProcessor, the tf.data path, bad bytes."""
+
+import io
+
+import numpy as np
+import PIL.Image
+import pytest
+from skimage import data as skdata
+
+from clipdistill_jax.data import preprocess
+from clipdistill_jax.data.preprocess import (
+  OPENAI_MEAN,
+  OPENAI_STD,
+  CorruptImageError,
+  decode_and_preprocess,
+  decode_image,
+  preprocess_image,
+  preprocess_images,
+  save_preprocessor_config,
+  tf_preprocess,
+)
+
+TOLERANCE = 1e-5
+
+
+def _photos() -> dict[str, PIL.Image.Image]:
+  return {
+    "astronaut": PIL.Image.fromarray(skdata.astronaut()),  # 512x512 RGB
+    "chelsea": PIL.Image.fromarray(skdata.chelsea()),  # 300x451, landscape
+    "coffee": PIL.Image.fromarray(skdata.coffee()),  # 400x600
+    "camera": PIL.Image.fromarray(skdata.camera()),  # 512x512 grayscale ("L")
+    "camera_portrait": PIL.Image.fromarray(skdata.camera()[:300, :137]),  # tall, grayscale
+  }
+
+
+def _hf_processor(image_size: int = 224):
+  from transformers import CLIPImageProcessorPil
+
+  return CLIPImageProcessorPil(
+    size={"shortest_edge": image_size},
+    crop_size={"height": image_size, "width": image_size},
+    image_mean=list(OPENAI_MEAN),
+    image_std=list(OPENAI_STD),
+  )
+
+
+def _hf_nhwc(processor, images) -> np.ndarray:
+  pixel_values = processor(images=images, return_tensors="np")["pixel_values"]
+  return np.moveaxis(pixel_values, 1, -1)
+
+
+def _encode(image: PIL.Image.Image, fmt: str, **kwargs) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, fmt, **kwargs)
+  return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos():
+  return _photos()
+
+
+# ---------------------------------------------------------------- parity with transformers
+
+
+@pytest.mark.parametrize("name", list(_photos()))
+def test_single_image_matches_transformers(photos, name):
+  image = photos[name]
+  ours = preprocess_image(image)
+  ref = _hf_nhwc(_hf_processor(), [image])[0]
+  assert ours.shape == (224, 224, 3) and ours.dtype == np.float32
+  assert np.abs(ours - ref).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("image_size", [224, 64, 16])
+def test_batch_matches_transformers(photos, image_size):
+  images = list(photos.values())
+  ours = preprocess_images(images, image_size=image_size)
+  ref = _hf_nhwc(_hf_processor(image_size), images)
+  assert ours.shape == (len(images), image_size, image_size, 3)
+  assert np.abs(ours - ref).max() <= TOLERANCE
+
+
+def test_numpy_inputs_match_transformers(photos):
+  chelsea = np.asarray(photos["chelsea"])
+  ref = _hf_nhwc(_hf_processor(), [chelsea])[0]
+  assert np.abs(preprocess_image(chelsea) - ref).max() <= TOLERANCE
+  # Alpha is composited onto white, for arrays and for PIL images.
+  alpha = np.tile(np.linspace(0, 255, chelsea.shape[1]).astype(np.uint8), (chelsea.shape[0], 1))
+  rgba = np.dstack([chelsea, alpha])
+  for image in (rgba, PIL.Image.fromarray(rgba, "RGBA")):
+    ref = _hf_nhwc(_hf_processor(), [image])[0]
+    assert np.abs(preprocess_image(image) - ref).max() <= TOLERANCE
+  # transformers rejects bare 2-D arrays; we read them as grayscale, like a PIL "L" image.
+  gray = np.asarray(photos["camera_portrait"])
+  np.testing.assert_array_equal(preprocess_image(gray), preprocess_image(photos["camera_portrait"]))
+  np.testing.assert_array_equal(preprocess_image(gray[..., None]), preprocess_image(gray))
+
+
+def test_resized_shape_and_crop_offsets_follow_transformers():
+  # int(224 * 451 / 300) = 336: truncated, not rounded.
+  assert preprocess.resized_shape(300, 451, 224) == (224, 336)
+  assert preprocess.resized_shape(451, 300, 224) == (336, 224)
+  assert preprocess.resized_shape(7, 7, 224) == (224, 224)
+  # An image a pixel off square crops at offset 0, as (h - s) // 2 says.
+  image = PIL.Image.fromarray(skdata.astronaut()[:, :449])
+  ref = _hf_nhwc(_hf_processor(), [image])[0]
+  assert np.abs(preprocess_image(image) - ref).max() <= TOLERANCE
+
+
+def test_rejects_arrays_it_cannot_read():
+  with pytest.raises(ValueError, match="uint8"):
+    preprocess_image(np.random.rand(32, 32, 3))
+  with pytest.raises(ValueError, match="channels last"):
+    preprocess_image(np.zeros((3, 32, 32), np.uint8))
+  with pytest.raises(TypeError, match="PIL image"):
+    preprocess_image("photo.jpg")
+  assert preprocess_images([], image_size=16).shape == (0, 16, 16, 3)
+
+
+# ---------------------------------------------------------------- encoded bytes
+
+
+def test_decode_and_preprocess_equals_in_memory_path(photos):
+  png = _encode(photos["coffee"], "PNG")
+  np.testing.assert_array_equal(decode_and_preprocess(png), preprocess_image(photos["coffee"]))
+  jpeg = _encode(photos["chelsea"], "JPEG", quality=90)
+  decoded = PIL.Image.open(io.BytesIO(jpeg))
+  np.testing.assert_array_equal(decode_and_preprocess(jpeg, 32), preprocess_image(decoded, 32))
+
+
+def test_decode_applies_exif_orientation(photos):
+  exif = PIL.Image.Exif()
+  exif[0x0112] = 6  # "rotate 90 CW to display"
+  jpeg = _encode(photos["chelsea"], "JPEG", exif=exif)
+  assert decode_image(jpeg).size == (300, 451)  # (width, height): portrait once upright
+
+
+@pytest.mark.parametrize(
+  "bad_bytes",
+  [b"", b"definitely not an image", b"\xff\xd8\xff\xe0" + b"\x00" * 64],
+  ids=["empty", "text", "jpeg_header_only"],
+)
+def test_corrupt_bytes_raise_a_clear_error(bad_bytes):
+  with pytest.raises(CorruptImageError, match="Cannot decode image"):
+    decode_and_preprocess(bad_bytes)
+
+
+def test_decode_wants_bytes():
+  with pytest.raises(TypeError, match="rb"):
+    decode_and_preprocess("photo.jpg")
+
+
+def test_truncated_jpeg_raises(photos):
+  jpeg = _encode(photos["astronaut"], "JPEG")
+  with pytest.raises(ValueError, match="truncated"):  # CorruptImageError is a ValueError
+    decode_and_preprocess(jpeg[: len(jpeg) // 2])
+
+
+# ---------------------------------------------------------------- tf.data
+
+
+def test_tf_path_equals_numpy_path_and_flags_corrupt_images(photos):
+  tf = pytest.importorskip("tensorflow")
+  good = [_encode(photos["chelsea"], "JPEG"), _encode(photos["camera_portrait"], "PNG")]
+  records = [good[0], b"garbage", good[1], good[0][:500]]
+  dataset = tf.data.Dataset.from_tensor_slices(records).map(
+    lambda encoded: tf_preprocess(encoded, 32), num_parallel_calls=2, deterministic=True
+  )
+  assert dataset.element_spec[0].shape == (32, 32, 3)
+  results = list(dataset.as_numpy_iterator())
+  np.testing.assert_array_equal([ok for _, ok in results], [True, False, True, False])
+  np.testing.assert_array_equal(results[0][0], decode_and_preprocess(good[0], 32))
+  np.testing.assert_array_equal(results[2][0], decode_and_preprocess(good[1], 32))
+  assert not results[1][0].any() and not results[3][0].any()
+  # What a pipeline does with the flag: keep the good ones, count the rest.
+  num_corrupt = dataset.reduce(0, lambda n, x: n + tf.cast(tf.logical_not(x[1]), tf.int32))
+  assert int(num_corrupt) == 2
+  assert len(list(dataset.filter(lambda image, ok: ok))) == 2
+  # Eager calls (a 0-d object array reaches numpy_function, not bytes) agree too.
+  image, ok = tf_preprocess(tf.constant(good[0]), 32)
+  assert bool(ok)
+  np.testing.assert_array_equal(image.numpy(), results[0][0])
+
+
+# ---------------------------------------------------------------- HF preprocessor_config.json
+
+
+def test_saved_config_loads_into_transformers(tmp_path, photos):
+  from transformers import CLIPImageProcessorPil, CLIPProcessor
+
+  from clipdistill_jax.data.tokenizer import load_tokenizer
+
+  save_preprocessor_config(str(tmp_path), image_size=64)
+  loaded = CLIPImageProcessorPil.from_pretrained(str(tmp_path))
+  assert loaded.size == {"shortest_edge": 64} and loaded.crop_size == {"height": 64, "width": 64}
+  assert tuple(loaded.image_mean) == OPENAI_MEAN and tuple(loaded.image_std) == OPENAI_STD
+  images = [photos["coffee"], photos["camera"]]
+  ours = preprocess_images(images, image_size=64)
+  assert np.abs(_hf_nhwc(loaded, images) - ours).max() <= TOLERANCE
+
+  tokenizer = load_tokenizer()
+  tokenizer.save(str(tmp_path))
+  processor = CLIPProcessor.from_pretrained(str(tmp_path))
+  out = processor(
+    text=["a photo of a cat"],
+    images=images,
+    padding="max_length",
+    max_length=16,
+    truncation=True,
+    return_tensors="np",
+  )
+  np.testing.assert_array_equal(out["input_ids"], tokenizer(["a photo of a cat"], 16)[0])
+  # With torchvision installed, CLIPProcessor picks the torchvision resize: not bit-comparable.
+  if getattr(processor.image_processor, "backend", "pil") == "pil":
+    assert np.abs(np.moveaxis(out["pixel_values"], 1, -1) - ours).max() <= TOLERANCE
