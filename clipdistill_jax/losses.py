@@ -1,0 +1,417 @@
+"""Distillation losses: pure functions of the student's and the teacher's `CLIPOutput`.
+
+Layers are numbered 1..L, as hidden states are: `hidden_states[j]` is layer j's output and
+`attentions[j-1]` its attention probabilities; a layer map is a tuple of (student_layer,
+teacher_layer) pairs (layer_map.py, re-exported here).
+
+Global batch. `contrastive_loss` and `logit_kl_loss` compare every image with every text of
+the batch. The trainer calls them inside `jax.jit` on the global (sharded) arrays, where GSPMD
+inserts the all-gathers, so the negatives are the whole global batch; never call them inside
+`shard_map` on a per-device shard (that silently shrinks the batch of negatives).
+
+Everything here is jit-friendly: layer maps, weights and temperature are static Python values
+and all shape checks happen at trace time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clipdistill_jax.layer_map import (  # noqa: F401  (re-exported for configs/trainer)
+    LayerMap,
+    layer_map_from_teacher_layers,
+    resolve_layer_map,
+    uniform_layer_map,
+    validate_layer_map,
+)
+from clipdistill_jax.models.clip import CLIPOutput
+from clipdistill_jax.models.config import CLIPConfig
+
+Array = jax.Array
+
+COMPONENTS = ("feature", "hidden", "logit_kl", "attention", "contrastive")
+TEACHER_COMPONENTS = ("feature", "hidden", "logit_kl", "attention")
+_LOG_EPS = 1e-8  # floor for probabilities inside a log (attention KL); see attention_loss.
+
+# ----------------------------------------------------------------------------------------
+# Learnable projectors (student -> teacher space)
+# ----------------------------------------------------------------------------------------
+
+
+def _rectangular_identity(key, shape, dtype=jnp.float32) -> Array:
+  del key
+  return jnp.eye(shape[0], shape[1], dtype=dtype)
+
+
+@flax.struct.dataclass
+class ProjectedFeatures:
+  image_embeds: Array | None = None
+  text_embeds: Array | None = None
+  vision_hidden_states: tuple[Array, ...] = ()  # aligned with the vision layer map
+  text_hidden_states: tuple[Array, ...] = ()    # aligned with the text layer map
+
+
+class FeatureProjectors(nn.Module):
+  """Linear maps (no bias) from the student's feature spaces into the teacher's.
+
+  One per embedding (student projection_dim -> teacher projection_dim; only when
+  `teacher_projection_dim` is set) and one per mapped layer pair (student hidden -> teacher
+  hidden). Kernels start as the rectangular identity eye(d_s, d_t): the exact identity when
+  the widths match, and for a width-inherited student (models/student.py keeps the teacher's
+  first d_s channels) it maps each kept channel back onto the channel it came from.
+
+  The projectors are trained with the student but are not part of it: export drops them,
+  since users deploy the student alone.
+  """
+  teacher_projection_dim: int | None = None
+  teacher_vision_hidden_size: int = 0
+  teacher_text_hidden_size: int = 0
+  vision_layer_map: LayerMap = ()
+  text_layer_map: LayerMap = ()
+
+  def _project(self, x: Array, features: int, axes: tuple[str, str], name: str) -> Array:
+    return nn.Dense(features, use_bias=False, name=name,
+                    kernel_init=nn.with_logical_partitioning(_rectangular_identity, axes))(
+                        x.astype(jnp.float32))
+
+  @nn.compact
+  def __call__(self, student_out: CLIPOutput) -> ProjectedFeatures:
+    image = text = None
+    if self.teacher_projection_dim is not None:
+      axes = ("student_proj", "proj")
+      image = self._project(_require(student_out.image_embeds, "student image_embeds"),
+                            self.teacher_projection_dim, axes, "image_embeds")
+      text = self._project(_require(student_out.text_embeds, "student text_embeds"),
+                           self.teacher_projection_dim, axes, "text_embeds")
+    towers = {}
+    for tower, layer_map, states, width in (
+        ("vision", self.vision_layer_map, student_out.vision_hidden_states,
+         self.teacher_vision_hidden_size),
+        ("text", self.text_layer_map, student_out.text_hidden_states,
+         self.teacher_text_hidden_size)):
+      if layer_map and not states:
+        raise ValueError(f"student_out has no {tower}_hidden_states: run the student with "
+                         "return_hidden=True (DistillLoss.needs_hidden_states).")
+      towers[tower] = tuple(
+          self._project(states[i], width, ("student_embed", "embed"),
+                        f"{tower}_hidden_{i}_to_{j}") for i, j in layer_map)
+    return ProjectedFeatures(image_embeds=image, text_embeds=text,
+                             vision_hidden_states=towers["vision"],
+                             text_hidden_states=towers["text"])
+
+
+def _require(x, what: str):
+  if x is None:
+    raise ValueError(f"{what} is missing from the model output this loss needs.")
+  return x
+
+
+# ----------------------------------------------------------------------------------------
+# The losses
+# ----------------------------------------------------------------------------------------
+
+
+def _l2_normalize(x: Array) -> Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
+def embedding_feature_loss(student_embeds: Array, teacher_embeds: Array) -> Array:
+  """Mean cosine distance 1 - cos(s, t) over the batch.
+
+  `student_embeds` must already be projected to the teacher's width. Cosine rather than MSE:
+  on unit vectors MSE is (2 - 2 cos) / d, the same loss rescaled by the width.
+  """
+  if student_embeds.shape != teacher_embeds.shape:
+    raise ValueError(f"embeddings differ in shape: student {student_embeds.shape} vs teacher "
+                     f"{teacher_embeds.shape}; project the student's with FeatureProjectors.")
+  cos = jnp.sum(_l2_normalize(student_embeds) * _l2_normalize(teacher_embeds), axis=-1)
+  return jnp.mean(1.0 - cos)
+
+
+def _token_mask(attention_mask: Array | None, shape: tuple[int, int]) -> Array:
+  if attention_mask is None:
+    return jnp.ones(shape, jnp.float32)
+  if tuple(attention_mask.shape) != tuple(shape):
+    raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the states "
+                     f"have [batch, tokens] = {tuple(shape)}.")
+  return attention_mask.astype(jnp.float32)
+
+
+def _check_same_tokens(student: Array, teacher: Array, what: str) -> None:
+  if student.shape != teacher.shape:
+    raise ValueError(
+        f"{what}: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}. Token counts "
+        "must match: give both models the same image_size/patch_size (vision) and the same "
+        "input_ids (text), or turn this loss off (weight 0).")
+
+
+def hidden_state_loss(student_states: Sequence[Array], teacher_states: Sequence[Array],
+                      attention_mask: Array | None = None) -> Array:
+  """MSE between aligned lists of [B, T, H] states, averaged over the pairs.
+
+  `student_states[k]` (already projected to the teacher's width) is compared with
+  `teacher_states[k]`; tokens where `attention_mask` is 0 (text padding) do not count.
+  """
+  if len(student_states) != len(teacher_states) or not student_states:
+    raise ValueError(f"need equally many (>0) student and teacher states, got "
+                     f"{len(student_states)} and {len(teacher_states)}.")
+  losses = []
+  for s, t in zip(student_states, teacher_states, strict=True):
+    _check_same_tokens(s, t, "hidden states differ in shape")
+    mask = _token_mask(attention_mask, s.shape[:2])
+    sq = jnp.mean(jnp.square(s.astype(jnp.float32) - t.astype(jnp.float32)), axis=-1)
+    losses.append(jnp.sum(sq * mask) / jnp.maximum(jnp.sum(mask), 1.0))
+  return jnp.mean(jnp.stack(losses))
+
+
+def attention_loss(student_attentions: Sequence[Array], teacher_attentions: Sequence[Array],
+                   attention_mask: Array | None = None) -> Array:
+  """KL(teacher_row || student_row) of head-averaged attention maps, averaged over pairs.
+
+  Each entry is [B, heads, T, T] probabilities; head counts may differ (8 vs 12), so both
+  sides are averaged over heads first, which keeps every query row a distribution over keys.
+  KL rather than MSE: rows are distributions, and MSE on them is tiny and dominated by the few
+  peaked rows. Padded queries (attention_mask 0) are left out of the average, padded keys
+  contribute nothing; probabilities are floored at 1e-8 inside the log so a student row that
+  underflowed where the teacher's has mass gives a large finite loss, not inf.
+  """
+  if len(student_attentions) != len(teacher_attentions) or not student_attentions:
+    raise ValueError(f"need equally many (>0) student and teacher attention maps, got "
+                     f"{len(student_attentions)} and {len(teacher_attentions)}.")
+  losses = []
+  for s, t in zip(student_attentions, teacher_attentions, strict=True):
+    p = jnp.mean(t.astype(jnp.float32), axis=1)  # [B, Tq, Tk]
+    q = jnp.mean(s.astype(jnp.float32), axis=1)
+    _check_same_tokens(q, p, "head-averaged attention maps differ in shape")
+    mask = _token_mask(attention_mask, p.shape[:2])
+    terms = p * (jnp.log(jnp.maximum(p, _LOG_EPS)) - jnp.log(jnp.maximum(q, _LOG_EPS)))
+    kl_rows = jnp.sum(terms * mask[:, None, :], axis=-1)  # [B, Tq]
+    losses.append(jnp.sum(kl_rows * mask) / jnp.maximum(jnp.sum(mask), 1.0))
+  return jnp.mean(jnp.stack(losses))
+
+
+def _row_kl(teacher_logits: Array, student_logits: Array, axis: int) -> Array:
+  log_p = jax.nn.log_softmax(teacher_logits, axis=axis)
+  log_q = jax.nn.log_softmax(student_logits, axis=axis)
+  return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=axis))
+
+
+def logit_kl_loss(student_logits_per_image: Array, teacher_logits_per_image: Array,
+                  temperature: float) -> Array:
+  """T^2 * KL(teacher || student) of softmax(logits / T), image->text and text->image averaged.
+
+  Each side's logits carry that model's OWN logit scale (teacher ~100, the student's learned
+  one), so the student is asked to match the teacher's sharpness through its logit scale plus
+  its cosines; dividing the scales out would hide a mis-calibrated student.
+  """
+  if student_logits_per_image.shape != teacher_logits_per_image.shape:
+    raise ValueError(f"logits differ in shape: student {student_logits_per_image.shape} vs "
+                     f"teacher {teacher_logits_per_image.shape}; both must see the same batch.")
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  s = student_logits_per_image.astype(jnp.float32) / temperature
+  t = teacher_logits_per_image.astype(jnp.float32) / temperature
+  return 0.5 * (_row_kl(t, s, axis=1) + _row_kl(t, s, axis=0)) * temperature ** 2
+
+
+def contrastive_loss(logits_per_image: Array) -> Array:
+  """CLIP's symmetric InfoNCE: (CE(image->text) + CE(text->image)) / 2, labels arange(B).
+
+  Under jax.jit with batch-sharded inputs this spans the GLOBAL batch (see module docstring).
+  """
+  if logits_per_image.ndim != 2 or logits_per_image.shape[0] != logits_per_image.shape[1]:
+    raise ValueError(f"logits_per_image must be square [B, B], got {logits_per_image.shape}.")
+  logits = logits_per_image.astype(jnp.float32)
+  image_to_text = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
+  text_to_image = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
+  return 0.5 * (image_to_text + text_to_image)
+
+
+def teacher_logits_per_image(teacher_out: CLIPOutput, default_logit_scale: float) -> Array:
+  """The teacher's logits, recomputed from its normalized embeds when they were not stored
+  (cached-teacher mode), with its stored logit_scale or else `default_logit_scale`."""
+  if teacher_out.logits_per_image is not None:
+    return teacher_out.logits_per_image
+  image = _require(teacher_out.image_embeds, "teacher image_embeds")
+  text = _require(teacher_out.text_embeds, "teacher text_embeds")
+  scale = default_logit_scale if teacher_out.logit_scale is None else teacher_out.logit_scale
+  return scale * jnp.matmul(image.astype(jnp.float32), text.astype(jnp.float32).T)
+
+
+# ----------------------------------------------------------------------------------------
+# The weighted sum the trainer calls
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DistillLoss:
+  """Weighted sum of the enabled losses; call it inside the jitted train step.
+
+  `weights` names components from COMPONENTS; missing or 0 -> off. With `teacher_config=None`
+  (the no-teacher baseline) or a call with `teacher_out=None`, only 'contrastive' runs. Layer
+  maps are (student, teacher) pairs (see `resolve_layer_map`); an empty map leaves that tower
+  out of the hidden/attention loss. `teacher_logit_scale` is used only when the teacher output
+  carries neither logits nor a logit_scale (cached embeddings); OpenAI's CLIP uses 100.
+  Hash/eq are by identity, so an instance can be a static jit argument.
+  """
+  student_config: CLIPConfig
+  teacher_config: CLIPConfig | None = None
+  weights: Mapping[str, float] = dataclasses.field(
+      default_factory=lambda: {"contrastive": 1.0})
+  temperature: float = 1.0
+  vision_hidden_layers: LayerMap = ()
+  text_hidden_layers: LayerMap = ()
+  vision_attention_layers: LayerMap = ()
+  text_attention_layers: LayerMap = ()
+  teacher_logit_scale: float = 100.0
+
+  def __post_init__(self):
+    unknown = set(self.weights) - set(COMPONENTS)
+    if unknown:
+      raise ValueError(f"unknown loss weights {sorted(unknown)}; valid names: {COMPONENTS}.")
+    if any(w < 0 for w in self.weights.values()):
+      raise ValueError(f"loss weights must be >= 0, got {dict(self.weights)}.")
+    if self.temperature <= 0:
+      raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+    if self.teacher_config is None:
+      return
+    s, t = self.student_config, self.teacher_config
+    for name, tower in (("vision", "vision_config"), ("text", "text_config")):
+      n_s = getattr(s, tower).num_hidden_layers
+      n_t = getattr(t, tower).num_hidden_layers
+      for kind in ("hidden", "attention"):
+        field = f"{name}_{kind}_layers"
+        object.__setattr__(self, field, validate_layer_map(getattr(self, field), n_s, n_t))
+    for kind in ("hidden", "attention"):
+      if (kind in self.active_components and not getattr(self, f"vision_{kind}_layers")
+          and not getattr(self, f"text_{kind}_layers")):
+        raise ValueError(f"the '{kind}' loss has weight {self.weights[kind]} but no layers: set "
+                         f"vision_{kind}_layers and/or text_{kind}_layers, e.g. "
+                         "resolve_layer_map('uniform', n_student, n_teacher).")
+
+  @property
+  def active_components(self) -> tuple[str, ...]:
+    return tuple(c for c in COMPONENTS if self.weights.get(c, 0.0) > 0 and (
+        c == "contrastive" or self.teacher_config is not None))
+
+  @property
+  def needs_hidden_states(self) -> bool:
+    """Run student and teacher with return_hidden=True."""
+    return "hidden" in self.active_components
+
+  @property
+  def needs_attentions(self) -> bool:
+    """Run student and teacher with return_attention=True."""
+    return "attention" in self.active_components
+
+  @property
+  def projectors(self) -> FeatureProjectors | None:
+    active = self.active_components
+    if "feature" not in active and "hidden" not in active:
+      return None
+    t = self.teacher_config
+    hidden = "hidden" in active
+    return FeatureProjectors(
+        teacher_projection_dim=t.projection_dim if "feature" in active else None,
+        teacher_vision_hidden_size=t.vision_config.hidden_size,
+        teacher_text_hidden_size=t.text_config.hidden_size,
+        vision_layer_map=self.vision_hidden_layers if hidden else (),
+        text_layer_map=self.text_hidden_layers if hidden else ())
+
+  def projector_dummy_input(self) -> CLIPOutput:
+    """A student-shaped CLIPOutput (batch 1, one token) to init the projectors with."""
+    s = self.student_config
+
+    def states(tower):
+      return tuple(jnp.zeros((1, 1, tower.hidden_size)) for _ in range(tower.num_hidden_layers + 1))
+
+    embeds = jnp.zeros((1, s.projection_dim))
+    return CLIPOutput(image_embeds=embeds, text_embeds=embeds,
+                      vision_hidden_states=states(s.vision_config),
+                      text_hidden_states=states(s.text_config))
+
+  def init_projectors(self, rng: Array) -> dict:
+    """Projector params (unboxed); {} when no active loss needs projectors."""
+    module = self.projectors
+    if module is None:
+      return {}
+    variables = jax.jit(module.init)(rng, self.projector_dummy_input())
+    return nn.unbox(variables["params"])
+
+  def __call__(self, projector_params: Mapping, student_out: CLIPOutput,
+               teacher_out: CLIPOutput | None, attention_mask: Array | None = None
+               ) -> tuple[Array, dict[str, Array]]:
+    """Returns (total, metrics); metrics has 'loss/<component>' for every component (0 when
+    off), per-tower parts of the active ones, and 'loss/total'."""
+    active = self.active_components
+    if teacher_out is None:
+      active = tuple(c for c in active if c not in TEACHER_COMPONENTS)
+    else:
+      teacher_out = jax.lax.stop_gradient(teacher_out)
+    parts: dict[str, Array] = {}
+
+    projected = None
+    if "feature" in active or "hidden" in active:
+      projected = self.projectors.apply({"params": projector_params}, student_out)
+
+    if "feature" in active:
+      parts["feature_image"] = embedding_feature_loss(
+          projected.image_embeds, _require(teacher_out.image_embeds, "teacher image_embeds"))
+      parts["feature_text"] = embedding_feature_loss(
+          projected.text_embeds, _require(teacher_out.text_embeds, "teacher text_embeds"))
+      parts["feature"] = 0.5 * (parts["feature_image"] + parts["feature_text"])
+
+    for kind, loss_fn in (("hidden", hidden_state_loss), ("attention", attention_loss)):
+      if kind in active:
+        towers = [self._tower_loss(kind, tower, loss_fn, student_out, teacher_out, projected,
+                                   attention_mask if tower == "text" else None)
+                  for tower in ("vision", "text") if getattr(self, f"{tower}_{kind}_layers")]
+        parts.update(towers)
+        parts[kind] = jnp.mean(jnp.stack([v for _, v in towers]))
+
+    if "logit_kl" in active:
+      parts["logit_kl"] = logit_kl_loss(
+          _require(student_out.logits_per_image, "student logits_per_image"),
+          teacher_logits_per_image(teacher_out, self.teacher_logit_scale), self.temperature)
+
+    if "contrastive" in active:
+      parts["contrastive"] = contrastive_loss(
+          _require(student_out.logits_per_image, "student logits_per_image"))
+
+    total = sum((self.weights[c] * parts[c] for c in active), jnp.zeros((), jnp.float32))
+    metrics = {f"loss/{c}": parts.get(c, jnp.zeros((), jnp.float32)) for c in COMPONENTS}
+    metrics.update({f"loss/{k}": v for k, v in parts.items() if k not in COMPONENTS})
+    metrics["loss/total"] = total
+    return total, metrics
+
+  def _tower_loss(self, kind: str, tower: str, loss_fn, student_out: CLIPOutput,
+                  teacher_out: CLIPOutput, projected: ProjectedFeatures | None,
+                  mask: Array | None) -> tuple[str, Array]:
+    """One tower's hidden-state or attention loss at its mapped layers."""
+    layer_map = getattr(self, f"{tower}_{kind}_layers")
+    if kind == "hidden":  # hidden_states[j] is layer j's output; attentions[j - 1] its maps
+      field, offset, student = "hidden_states", 0, getattr(projected, f"{tower}_hidden_states")
+    else:
+      field, offset = "attentions", 1
+      student = getattr(student_out, f"{tower}_attentions")
+      if not student:
+        raise ValueError(f"student_out has no {tower}_attentions: run the student with "
+                         "return_attention=True (DistillLoss.needs_attentions).")
+      student = tuple(student[i - 1] for i, _ in layer_map)
+    teacher = getattr(teacher_out, f"{tower}_{field}")
+    if not teacher:
+      raise ValueError(
+          f"teacher_out has no {tower}_{field}: the '{kind}' loss needs a live teacher run with "
+          "return_hidden/return_attention=True. Cached teacher outputs hold only embeddings, "
+          "which support only the 'feature' and 'logit_kl' losses: set the 'hidden' and "
+          "'attention' weights to 0, or run the teacher live.")
+    teacher = tuple(teacher[j - offset] for _, j in layer_map)
+    return f"{kind}_{tower}", loss_fn(student, teacher, mask)
+
