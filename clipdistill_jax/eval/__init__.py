@@ -1,0 +1,1 @@
+"""Evaluation building blocks; the public entry point is clipdistill_jax.evaluate."""

@@ -1,0 +1,131 @@
+"""Evaluation of teacher and student: zero-shot classification, retrieval, teacher agreement,
+embedding cosine, size/speed/memory. The building blocks live in clipdistill_jax/eval/:
+
+  prompts   templates (80 OpenAI ImageNet, 7 simple, CIFAR, 'a photo of a {}.') and class names
+  encode    jitted, mesh-aware encode_images / encode_texts / encode_token_ids,
+            zero_shot_classifier
+  metrics   zero_shot_eval, retrieval_eval, teacher_agreement, embedding_cosine (numpy)
+  datasets  load_zero_shot_dataset: tfds, 'folder:PATH', 'synthetic'
+  stats     model_stats: params, sizes, latency, throughput, peak memory
+
+Typical use (the trainer runs this for teacher and student on the same data):
+
+    dataset = load_zero_shot_dataset("cifar10", "test", image_size=224)
+    result = evaluate_zero_shot(model, params, tokenizer, dataset, context_length=77,
+                                batch_size=256, mesh=mesh)
+    result["top1"], result["predictions"], result["image_embeds"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from jax.sharding import Mesh
+
+from clipdistill_jax.eval.datasets import ZeroShotDataset, load_zero_shot_dataset
+from clipdistill_jax.eval.encode import (
+    average_template_embeddings,
+    encode_images,
+    encode_texts,
+    encode_token_ids,
+    zero_shot_classifier,
+)
+from clipdistill_jax.eval.metrics import (
+    embedding_cosine,
+    retrieval_eval,
+    teacher_agreement,
+    zero_shot_eval,
+)
+from clipdistill_jax.eval.prompts import (
+    OPENAI_IMAGENET_TEMPLATES,
+    SIMPLE_IMAGENET_TEMPLATES,
+    TEMPLATE_SETS,
+    get_templates,
+)
+from clipdistill_jax.eval.stats import model_stats, tower_param_counts
+from clipdistill_jax.models.clip import CLIPModel
+
+__all__ = [
+    "OPENAI_IMAGENET_TEMPLATES", "SIMPLE_IMAGENET_TEMPLATES", "TEMPLATE_SETS", "ZeroShotDataset",
+    "average_template_embeddings", "embedding_cosine", "encode_images", "encode_texts",
+    "encode_token_ids", "evaluate_retrieval", "evaluate_zero_shot", "get_templates",
+    "load_zero_shot_dataset", "model_stats", "retrieval_eval", "teacher_agreement",
+    "tower_param_counts", "zero_shot_classifier", "zero_shot_eval",
+]
+
+
+def _image_label_batches(dataset: Any, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(images, labels) batches of a ZeroShotDataset, or of any iterable of dict batches with
+  'image' and 'label' (and optionally a bool 'mask' of real rows), such as
+  clipdistill_jax.data.pipeline.make_eval_dataset's."""
+  if isinstance(dataset, ZeroShotDataset):
+    yield from dataset.batches(batch_size)
+    return
+  for batch in dataset:
+    if "label" not in batch:
+      raise ValueError(f"Eval batches have keys {sorted(batch)}; zero-shot needs 'label' (a "
+                       "labelled dataset).")
+    keep = np.asarray(batch.get("mask", np.ones(len(batch["label"]), bool)), bool)
+    keep &= np.asarray(batch["label"]) >= 0  # NO_LABEL rows
+    yield np.asarray(batch["image"])[keep], np.asarray(batch["label"], np.int32)[keep]
+
+
+def evaluate_zero_shot(model: CLIPModel, params: Any, tokenizer, dataset: Any, *,
+                       context_length: int, batch_size: int = 256,
+                       templates: str | Sequence[str] | None = None, mesh: Mesh | None = None,
+                       classifier: np.ndarray | None = None) -> dict[str, Any]:
+  """Zero-shot accuracy of one model on one labelled dataset.
+
+  dataset: a ZeroShotDataset (load_zero_shot_dataset) or an iterable of dict batches with
+  'image', 'label' (and 'mask'), plus class_names and templates attributes (the pipeline's
+  make_eval_dataset). templates: default the dataset's own; pass 'simple_imagenet' or
+  'photo' for a cheaper CPU run. classifier: reuse one built earlier (skips the text tower).
+  Returns zero_shot_eval's keys (top1, top5, predictions, num_examples) plus labels,
+  image_embeds [N, P], classifier [C, P], num_skipped (unreadable images) and templates.
+  """
+  templates = get_templates(dataset.templates if templates is None else templates)
+  if classifier is None:
+    if not getattr(dataset, "class_names", None):
+      raise ValueError("The dataset has no class_names; zero-shot needs a labelled dataset "
+                       "(or pass classifier=).")
+    classifier = zero_shot_classifier(model, params, tokenizer, dataset.class_names, templates,
+                                      context_length, batch_size=batch_size, mesh=mesh)
+  labels: list[np.ndarray] = []
+
+  def images():
+    for batch_images, batch_labels in _image_label_batches(dataset, batch_size):
+      labels.append(batch_labels)
+      yield batch_images
+
+  image_embeds = encode_images(model, params, images(), batch_size=batch_size, mesh=mesh)
+  labels_array = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
+  result = zero_shot_eval(image_embeds, labels_array, classifier)
+  result.update(labels=labels_array, image_embeds=image_embeds, classifier=classifier,
+                num_skipped=getattr(dataset, "num_skipped", 0), templates=templates)
+  return result
+
+
+def evaluate_retrieval(model: CLIPModel, params: Any, batches: Iterable[Mapping[str, Any]], *,
+                       batch_size: int = 256, mesh: Mesh | None = None) -> dict[str, Any]:
+  """Image<->text retrieval over image-caption batches, one caption per image.
+
+  batches: dicts with 'image' [n,S,S,3], 'input_ids' and 'attention_mask' [n,L] (and an
+  optional bool 'mask' of real rows), e.g. make_eval_dataset's. For several captions per
+  image (COCO's 5), encode them yourself and call retrieval_eval with text_to_image.
+  Returns retrieval_eval's keys plus image_embeds and text_embeds.
+  """
+  images: list[np.ndarray] = []
+  tokens: list[tuple[np.ndarray, np.ndarray]] = []
+  for batch in batches:
+    keep = np.asarray(batch.get("mask", np.ones(len(batch["image"]), bool)), bool)
+    images.append(np.asarray(batch["image"])[keep])
+    tokens.append((np.asarray(batch["input_ids"])[keep],
+                   np.asarray(batch["attention_mask"])[keep]))
+  image_embeds = encode_images(model, params, images, batch_size=batch_size, mesh=mesh)
+  text_embeds = encode_token_ids(model, params, tokens, batch_size=batch_size, mesh=mesh)
+  result: dict[str, Any] = dict(retrieval_eval(image_embeds, text_embeds,
+                                               np.arange(len(text_embeds))))
+  result.update(image_embeds=image_embeds, text_embeds=text_embeds)
+  return result
