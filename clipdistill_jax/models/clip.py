@@ -12,7 +12,8 @@ tensors are transposed by the callers that talk to PyTorch.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn

@@ -94,13 +94,13 @@ class CLIPConfig:
           f"image_size={self.vision_config.image_size} is not a multiple of patch_size="
           f"{self.vision_config.patch_size}.")
 
-  def replace(self, **changes: Any) -> "CLIPConfig":
+  def replace(self, **changes: Any) -> CLIPConfig:
     return dataclasses.replace(self, **changes)
 
   # --- Hugging Face config.json ----------------------------------------------------------
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+  def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
     """Builds a config from a transformers CLIPConfig dict; unknown HF fields are ignored."""
     text = _subset(CLIPTextConfig, d.get("text_config") or {})
     vision = _subset(CLIPVisionConfig, d.get("vision_config") or {})
@@ -122,7 +122,7 @@ class CLIPConfig:
     }
 
   @classmethod
-  def from_json_file(cls, path: str | os.PathLike) -> "CLIPConfig":
+  def from_json_file(cls, path: str | os.PathLike) -> CLIPConfig:
     with open(path) as f:
       return cls.from_dict(json.load(f))
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -150,7 +151,6 @@ def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
       state.update(load_file(str(f)))
     except Exception as e:
       if "bfloat16" in str(e) or "BF16" in str(e):
-        import torch
         from safetensors.torch import load_file as load_torch
         state.update({k: v.float().numpy() for k, v in load_torch(str(f)).items()})
       else:
