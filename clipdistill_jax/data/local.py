@@ -1,0 +1,245 @@
+"""Local image-caption data as tf.data record streams (see tf_pipeline for the record format).
+
+Two layouts:
+  * a manifest: JSONL (one {"image": path, "caption": text} object a line) or CSV/TSV with a
+    header row. Relative image paths are relative to the manifest's folder. Paths may be
+    anything tf.io.gfile reads (local, gs://).
+  * TFRecord shards of tf.train.Example, as img2dataset's tfrecord output writes them:
+    "jpg" (or "png"/"webp") encoded bytes, "txt" caption bytes, "key", metadata.
+
+Per-host sharding is deterministic: a manifest's rows, or a glob's sorted files, are dealt
+round-robin to the hosts (records round-robin when there are fewer files than hosts).
+
+Training order: a manifest is read in a fresh permutation every epoch, a pure function of
+(seed, host, epoch), so a resume jumps straight to (epoch, offset) without reading anything.
+TFRecords are read in a seeded file order through a seeded shuffle buffer; a resume skips
+the records already consumed (reading them, not decoding them).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+from clipdistill_jax.data.tf_pipeline import import_tf
+
+IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_name", "filename", "path", "jpg")
+CAPTION_COLUMNS = ("caption", "text", "title", "txt")
+TFRECORD_IMAGE_FEATURES = ("jpg", "jpeg", "png", "webp", "image", "image/encoded")
+TFRECORD_CAPTION_FEATURES = ("txt", "caption", "text", "image/text")
+_NEVER = 2**62  # "forever" for epoch counters
+
+logger = logging.getLogger(__name__)
+
+
+# --- manifests ------------------------------------------------------------------------------
+
+
+def read_manifest(path: str, *, image_key: str | None, caption_key: str | None,
+                  label_key: str | None = None) -> dict[str, list]:
+  """{'image_path': [...], 'caption': [...]} (+ 'label') from a JSONL / CSV / TSV manifest.
+
+  Rows without a caption are dropped with a warning; columns are found by name
+  (image_key / caption_key, else the usual names: IMAGE_COLUMNS, CAPTION_COLUMNS).
+  """
+  tf = import_tf()
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"Manifest {path} does not exist; set data.path to a .jsonl/.csv.")
+  with tf.io.gfile.GFile(path, "r") as f:
+    text = f.read()
+  extension = os.path.splitext(path)[1].lower()
+  if extension in (".jsonl", ".json", ".ndjson"):
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+  elif extension in (".csv", ".tsv"):
+    rows = list(csv.DictReader(io.StringIO(text), delimiter="\t" if extension == ".tsv" else ","))
+  else:
+    raise ValueError(f"Manifest {path}: unknown extension {extension!r}; use .jsonl, .csv or .tsv.")
+  if not rows:
+    raise ValueError(f"Manifest {path} has no rows.")
+  columns = list(rows[0])
+  image_key = _pick_column(image_key, IMAGE_COLUMNS, columns, "image", path)
+  caption_key = _pick_column(caption_key, CAPTION_COLUMNS, columns, "caption", path)
+  if label_key is not None and label_key not in columns:
+    raise KeyError(f"Manifest {path} has no label column {label_key!r}; columns: {columns}.")
+
+  base = os.path.dirname(path)
+  out: dict[str, list] = {"image_path": [], "caption": []}
+  if label_key is not None:
+    out["label"] = []
+  for row in rows:
+    image, caption = row.get(image_key), row.get(caption_key)
+    if not image or caption is None:
+      continue
+    out["image_path"].append(_resolve(str(image), base))
+    out["caption"].append(str(caption))
+    if label_key is not None:
+      out["label"].append(int(row[label_key]))
+  dropped = len(rows) - len(out["image_path"])
+  if dropped:
+    logger.warning(
+        "Manifest %s: dropped %d of %d rows without an image path or caption.", path, dropped,
+        len(rows))
+  if not out["image_path"]:
+    raise ValueError(f"Manifest {path}: no row has both {image_key!r} and {caption_key!r}.")
+  return out
+
+
+def _pick_column(requested: str | None, candidates: Sequence[str], columns: Sequence[str],
+                 what: str, path: str) -> str:
+  if requested is not None:
+    if requested not in columns:
+      raise KeyError(f"Manifest {path} has no {what} column {requested!r}; columns: {columns}. "
+                     f"Set data.{what}_key to one of them.")
+    return requested
+  for name in candidates:
+    if name in columns:
+      return name
+  raise KeyError(f"Manifest {path}: no {what} column among {columns} (looked for {candidates}); "
+                 f"set data.{what}_key.")
+
+
+def _resolve(image_path: str, base: str) -> str:
+  if "://" in image_path or os.path.isabs(image_path):
+    return image_path
+  return os.path.join(base, image_path)
+
+
+def manifest_train_records(rows: dict[str, list], *, seed: int, process_index: int,
+                           process_count: int, start_position: int):
+  """Endless records of this host's rows, a new seeded permutation each epoch."""
+  tf = import_tf()
+  host_rows = {k: v[process_index::process_count] for k, v in rows.items()}
+  n = len(host_rows["image_path"])
+  if n == 0:
+    raise ValueError(f"The manifest has {len(rows['image_path'])} rows: too few for "
+                     f"{process_count} hosts to get one each.")
+  columns = {k: tf.constant(v, tf.int64 if k == "label" else tf.string)
+             for k, v in host_rows.items()}
+  host_seed = _host_seed(seed, process_index)
+  start_epoch, offset = divmod(start_position, n)
+
+  def epoch_records(epoch):
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(host_seed, tf.int64), epoch]))
+    return tf.data.Dataset.from_tensor_slices((epoch * n + tf.range(n, dtype=tf.int64), order))
+
+  indices = tf.data.Dataset.range(start_epoch, _NEVER).flat_map(epoch_records).skip(offset)
+  gather_row = lambda i: {k: tf.gather(v, i) for k, v in columns.items()}
+  return indices.map(lambda position, i: {"position": position, **gather_row(i)})
+
+
+def manifest_eval_records(rows: dict[str, list], *, process_index: int, process_count: int):
+  """This host's contiguous block of rows, in manifest order. Returns (dataset, size)."""
+  tf = import_tf()
+  n = len(rows["image_path"])
+  lo, hi = n * process_index // process_count, n * (process_index + 1) // process_count
+  columns = {k: tf.constant(v[lo:hi], tf.int64 if k == "label" else tf.string)
+             for k, v in rows.items()}
+  ds = tf.data.Dataset.from_tensor_slices(columns).enumerate()
+  return ds.map(lambda position, record: {"position": position, **record}), hi - lo
+
+
+# --- TFRecords ------------------------------------------------------------------------------
+
+
+def list_tfrecords(pattern: str) -> list[str]:
+  """Sorted files matching a glob (or comma-separated globs)."""
+  tf = import_tf()
+  files = sorted({f for p in pattern.split(",") if p.strip() for f in tf.io.gfile.glob(p.strip())})
+  if not files:
+    raise FileNotFoundError(f"No TFRecord files match {pattern!r}; set data.path to a glob such "
+                            "as /data/cc3m/*.tfrecord (comma-separate several globs).")
+  return files
+
+
+def tfrecord_features(files: Sequence[str], *, image_key: str | None, caption_key: str | None,
+                      label_key: str | None) -> tuple[str, str, str | None]:
+  """(image_key, caption_key, label_key), defaults found in the first record's features."""
+  tf = import_tf()
+  first = next(iter(tf.data.TFRecordDataset(files[0]).take(1)), None)
+  if first is None:
+    raise ValueError(f"{files[0]} holds no records.")
+  names = sorted(tf.train.Example.FromString(first.numpy()).features.feature)
+
+  def pick(requested, candidates, what):
+    if requested is not None:
+      if requested not in names:
+        raise KeyError(f"{files[0]}: no feature {requested!r}; features: {names}. "
+                       f"Set data.{what}_key to one of them.")
+      return requested
+    found = [c for c in candidates if c in names]
+    if not found:
+      raise KeyError(f"{files[0]}: no {what} feature among {names} (looked for {candidates}); "
+                     f"set data.{what}_key.")
+    return found[0]
+
+  image_key = pick(image_key, TFRECORD_IMAGE_FEATURES, "image")
+  caption_key = pick(caption_key, TFRECORD_CAPTION_FEATURES, "caption")
+  if label_key is not None:
+    pick(label_key, (), "label")
+  return image_key, caption_key, label_key
+
+
+def _parser(image_key: str, caption_key: str, label_key: str | None):
+  tf = import_tf()
+  # A record without the image gets b"" and is then counted as corrupt, not fatal.
+  spec = {image_key: tf.io.FixedLenFeature([], tf.string, default_value=b""),
+          caption_key: tf.io.FixedLenFeature([], tf.string, default_value=b"")}
+  if label_key is not None:
+    spec[label_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+
+  def parse(position, serialized):
+    features = tf.io.parse_single_example(serialized, spec)
+    record = {"position": position, "image": features[image_key],
+              "caption": features[caption_key]}
+    if label_key is not None:
+      record["label"] = features[label_key]
+    return record
+
+  return parse
+
+
+def _host_files(files: Sequence[str], process_index: int, process_count: int):
+  """(files this host reads, whether it must also take every process_count-th record)."""
+  if len(files) >= process_count:
+    return list(files[process_index::process_count]), False
+  return list(files), True
+
+
+def tfrecord_train_records(files: Sequence[str], keys: tuple[str, str, str | None], *, seed: int,
+                           shuffle_buffer: int, process_index: int, process_count: int,
+                           start_position: int, num_parallel_calls: int):
+  """Endless records: seeded file order per epoch, interleaved, seeded shuffle buffer."""
+  tf = import_tf()
+  host_files, shard_records = _host_files(files, process_index, process_count)
+  # The same file order on every host: record-level sharding needs it.
+  file_order = tf.data.Dataset.from_tensor_slices(host_files).shuffle(
+      len(host_files), seed=seed, reshuffle_each_iteration=True).repeat()
+  records = file_order.interleave(
+      tf.data.TFRecordDataset, cycle_length=min(16, len(host_files)), block_length=1,
+      num_parallel_calls=num_parallel_calls, deterministic=True)
+  if shard_records:
+    records = records.shard(process_count, process_index)
+  if shuffle_buffer > 1:
+    records = records.shuffle(shuffle_buffer, seed=_host_seed(seed, process_index))
+  records = records.enumerate().skip(start_position)
+  return records.map(_parser(*keys), num_parallel_calls=num_parallel_calls, deterministic=True)
+
+
+def tfrecord_eval_records(files: Sequence[str], keys: tuple[str, str, str | None], *,
+                          process_index: int, process_count: int):
+  """This host's records, files in sorted order, records in file order."""
+  tf = import_tf()
+  host_files, shard_records = _host_files(files, process_index, process_count)
+  records = tf.data.TFRecordDataset(host_files)
+  if shard_records:
+    records = records.shard(process_count, process_index)
+  return records.enumerate().map(_parser(*keys))
+
+
+def _host_seed(seed: int, process_index: int) -> int:
+  return (int(seed) * 1_000_003 + int(process_index)) % (2**31 - 1)

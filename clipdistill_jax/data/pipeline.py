@@ -1,0 +1,340 @@
+"""Input pipelines: one config picks the source, every source yields the same batches.
+
+    data.source = 'synthetic' | 'tfds' | 'manifest' | 'tfrecord'   (default_data_config())
+
+Training batches (make_train_iterator) are this host's slice of the global batch:
+    image           float32 [b, S, S, 3]  NHWC, CLIP-normalized (OpenAI mean/std)
+    input_ids       int32   [b, L]        CLIP BPE, padded/truncated to L = context_length
+    attention_mask  int32   [b, L]
+with b = global_batch_size // process_count; the trainer builds the global array with
+jax.make_array_from_process_local_data. Teacher and student consume the SAME batch: one
+tokenizer, one image transform (resize, crop, normalization, augmentation) for both. A
+teacher that needs other inputs than the student cannot be distilled from this batch:
+check_compatible(teacher_config, student_config) says so before training starts.
+
+Order and resume. The order is a pure function of data.seed, the host and the step:
+  * synthetic: step s is global examples [s*B, (s+1)*B) of an endless stream, and host p
+    takes its contiguous b of them, so hosts partition the global batch exactly and a
+    resume at start_step computes its batches directly.
+  * manifest: rows are dealt round-robin to hosts; each host reads a seeded permutation of
+    its rows per epoch, and start_step jumps to (epoch, offset) without reading anything.
+  * tfrecord, tfds: files (tfds: even splits) per host, seeded file order and shuffle
+    buffer; start_step skips the start_step * b records this host consumed. They are read
+    but not decoded: fast next to training, yet on a large dataset deep into a run it takes
+    a noticeable while at startup.
+Images that cannot be read or decoded are dropped and counted (`it.num_skipped`,
+`it.metrics()`); batches stay full. So a resumed tf.data stream equals the uninterrupted
+one exactly when no image was dropped before start_step; otherwise it starts as many records
+early as were dropped (knowing which skipped records were unreadable would mean decoding
+them). Augmentation is seeded by each record's position, so it resumes identically too.
+tf.data iterators are closed at interpreter exit (or by `it.close()`).
+
+Evaluation (make_eval_dataset) reads a finite split once per iteration, unshuffled, keeps
+the remainder, and carries the label where the data has one (plus class names for zero-shot).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from clipdistill_jax.data import preprocess
+from clipdistill_jax.data.batches import CorruptLimits, EvalDataset, caption_fn
+from clipdistill_jax.data.compat import (  # noqa: F401  (re-exported for the trainer)
+    IncompatibleInputsError,
+    SharedInputs,
+    check_compatible,
+)
+from clipdistill_jax.data.synthetic import SyntheticCaptions
+
+SOURCES = ("synthetic", "tfds", "manifest", "tfrecord")
+
+_DEFAULTS: dict[str, Any] = {
+    "source": "synthetic",
+    # tfds
+    "name": None,  # e.g. 'cifar10', 'coco_captions'
+    "split": "train",
+    "eval_split": "test",
+    "data_dir": None,  # where the prepared tfds data lives (nothing is ever downloaded)
+    # local files
+    "path": None,  # manifest (.jsonl/.csv/.tsv) or TFRecord glob(s), comma-separated
+    "eval_path": None,
+    # features / columns (None: the usual names, e.g. 'image'/'caption', img2dataset 'jpg'/'txt')
+    "image_key": None,
+    "caption_key": None,
+    "label_key": None,
+    "class_names": None,  # overrides the dataset's (needed for WordNet-id names)
+    "templates": ("a photo of a {}.",),  # label -> caption; zero-shot prompts
+    # order
+    "seed": 0,
+    "shuffle_buffer": 10_000,
+    # augmentation (training only; off by default: a flip contradicts "on the left" captions)
+    "crop_min_scale": 1.0,  # < 1: random square crop of at least this area fraction
+    "flip": False,
+    # unreadable images
+    "max_corrupt_fraction": 0.5,
+    "corrupt_check_after": 200,
+    "max_consecutive_corrupt": 1000,
+    # synthetic
+    "num_eval_examples": 1024,
+    # tf.data performance
+    "num_parallel_calls": -1,  # tf.data.AUTOTUNE
+    "prefetch": 2,
+    "num_threads": None,  # tf.data threads per host (None: TF's default)
+}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Every data knob with its default; configs override what they need."""
+  return ml_collections.ConfigDict(dict(_DEFAULTS))
+
+
+def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDict | None,
+                        ) -> types.SimpleNamespace:
+  """Defaults filled in and checked; unknown keys (typos) are an error."""
+  given = {} if data_config is None else (
+      data_config.to_dict() if isinstance(data_config, ml_collections.ConfigDict)
+      else dict(data_config))
+  unknown = sorted(set(given) - set(_DEFAULTS))
+  if unknown:
+    raise KeyError(f"Unknown data config keys {unknown}; known: {sorted(_DEFAULTS)}.")
+  cfg = types.SimpleNamespace(**{**_DEFAULTS, **given})
+  if cfg.source not in SOURCES:
+    raise ValueError(f"data.source={cfg.source!r}; choose one of {SOURCES}.")
+  if isinstance(cfg.templates, str):
+    cfg.templates = (cfg.templates,)
+  cfg.templates = tuple(cfg.templates)
+  for template in cfg.templates:
+    if "{}" not in template:
+      raise ValueError(f"data.templates entry {template!r} has no '{{}}' for the class name.")
+  if not cfg.templates:
+    raise ValueError("data.templates is empty; give at least one, e.g. 'a photo of a {}.'.")
+  if not 0.0 < cfg.crop_min_scale <= 1.0:
+    raise ValueError(f"data.crop_min_scale={cfg.crop_min_scale} must be in (0, 1].")
+  if cfg.source in ("manifest", "tfrecord") and not cfg.path:
+    raise ValueError(f"data.source={cfg.source!r} needs data.path.")
+  return cfg
+
+
+def _limits(cfg) -> CorruptLimits:
+  return CorruptLimits(cfg.max_corrupt_fraction, cfg.corrupt_check_after,
+                       cfg.max_consecutive_corrupt)
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+  return int(process_index), int(process_count)
+
+
+# --- synthetic ------------------------------------------------------------------------------
+
+
+class SyntheticTrainIterator:
+  """Endless synthetic batches; step s, host p: global examples s*B + p*b + [0, b)."""
+
+  def __init__(self, synthetic: SyntheticCaptions, *, global_batch_size: int,
+               process_index: int, process_count: int, start_step: int, tokenizer,
+               context_length: int):
+    self._synthetic = synthetic
+    self._global_batch_size = global_batch_size
+    self.local_batch_size = global_batch_size // process_count
+    self._process_index = process_index
+    self._tokenizer = tokenizer
+    self._context_length = context_length
+    self.step = start_step
+    self.class_names = synthetic.class_names
+    self.num_read = 0
+    self.num_skipped = 0  # rendered images never fail
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = self.batch_at(self.step)
+    self.step += 1
+    self.num_read += self.local_batch_size
+    return batch
+
+  def batch_at(self, step: int) -> dict[str, np.ndarray]:
+    first = step * self._global_batch_size + self._process_index * self.local_batch_size
+    images, captions, _ = self._synthetic.examples(range(first, first + self.local_batch_size))
+    input_ids, attention_mask = self._tokenizer(captions, self._context_length)
+    return {"image": preprocess.preprocess_images(images, self._synthetic.image_size),
+            "input_ids": input_ids, "attention_mask": attention_mask}
+
+  def close(self) -> None:
+    """Nothing to release (same interface as the tf.data iterators)."""
+
+  def metrics(self) -> dict[str, float]:
+    return {"data/num_read": float(self.num_read), "data/num_skipped": 0.0,
+            "data/skipped_fraction": 0.0}
+
+
+def _synthetic_eval_chunks(synthetic: SyntheticCaptions, first: int, stop: int, chunk: int):
+  def chunks():
+    for start in range(first, stop, chunk):
+      images, captions, labels = synthetic.examples(range(start, min(start + chunk, stop)))
+      yield {"image": preprocess.preprocess_images(images, synthetic.image_size),
+             "ok": np.ones(len(labels), bool), "caption": np.asarray(captions, dtype=object),
+             "label": labels}
+
+  return chunks
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+
+def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
+                        context_length: int, tokenizer, process_index: int | None = None,
+                        process_count: int | None = None, start_step: int = 0):
+  """An endless iterator of this host's training batches, starting at `start_step`.
+
+  Returns an iterator of dicts {image, input_ids, attention_mask} (module docstring) with
+  `num_read`, `num_skipped` (unreadable images dropped on this host) and `metrics()`.
+  process_index / process_count default to jax's.
+  """
+  cfg = resolve_data_config(data_config)
+  process_index, process_count = _processes(process_index, process_count)
+  if global_batch_size < process_count or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                     f"process_count={process_count}.")
+  if start_step < 0:
+    raise ValueError(f"start_step={start_step} must be >= 0.")
+  local_batch_size = global_batch_size // process_count
+
+  if cfg.source == "synthetic":
+    if cfg.crop_min_scale < 1.0 or cfg.flip:
+      raise ValueError("Synthetic captions say where the shape is and how big it is; a crop or "
+                       "flip would make them wrong. Set data.crop_min_scale=1.0, data.flip=False.")
+    return SyntheticTrainIterator(
+        SyntheticCaptions(image_size, cfg.seed, "train"), global_batch_size=global_batch_size,
+        process_index=process_index, process_count=process_count, start_step=start_step,
+        tokenizer=tokenizer, context_length=context_length)
+
+  from clipdistill_jax.data import tf_pipeline
+
+  hosts = dict(process_index=process_index, process_count=process_count)
+  start_position = start_step * local_batch_size
+  class_names = cfg.class_names
+  if cfg.source == "manifest":
+    from clipdistill_jax.data import local
+
+    rows = local.read_manifest(cfg.path, image_key=cfg.image_key, caption_key=cfg.caption_key)
+    records = local.manifest_train_records(rows, seed=cfg.seed, start_position=start_position,
+                                           **hosts)
+    where = cfg.path
+  elif cfg.source == "tfrecord":
+    from clipdistill_jax.data import local
+
+    files = local.list_tfrecords(cfg.path)
+    keys = local.tfrecord_features(files, image_key=cfg.image_key, caption_key=cfg.caption_key,
+                                   label_key=None)
+    records = local.tfrecord_train_records(
+        files, keys, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+        start_position=start_position, num_parallel_calls=cfg.num_parallel_calls, **hosts)
+    where = cfg.path
+  else:
+    from clipdistill_jax.data import tfds_source
+
+    source = _open_tfds(cfg)
+    records = tfds_source.tfds_train_records(
+        source, split=cfg.split, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+        start_position=start_position, num_parallel_calls=cfg.num_parallel_calls,
+        num_threads=cfg.num_threads, **hosts)
+    class_names = source.class_names
+    where = f"tfds {cfg.name} {cfg.split}"
+
+  settings = tf_pipeline.DecodeSettings(
+      image_size=image_size, seed=cfg.seed, train=True, num_templates=len(cfg.templates),
+      crop_min_scale=cfg.crop_min_scale, flip=cfg.flip, **hosts)
+  batches = tf_pipeline.train_batches(
+      records, settings, batch_size=local_batch_size, limits=_limits(cfg),
+      num_parallel_calls=cfg.num_parallel_calls, prefetch=cfg.prefetch,
+      num_threads=cfg.num_threads)
+  return tf_pipeline.TFTrainIterator(
+      batches, tokenizer=tokenizer, context_length=context_length,
+      captions=caption_fn(class_names, cfg.templates), limits=_limits(cfg), where=where,
+      local_batch_size=local_batch_size, class_names=class_names)
+
+
+def make_eval_dataset(data_config, *, batch_size: int, image_size: int, context_length: int,
+                      tokenizer, process_index: int | None = None,
+                      process_count: int | None = None, split: str | None = None,
+                      pad_remainder: bool = False) -> EvalDataset:
+  """This host's share of a finite evaluation split (batches.EvalDataset).
+
+  `split` overrides data.eval_split (tfds) or data.eval_path (manifest, tfrecord); the
+  synthetic source uses its held-out test split of data.num_eval_examples examples.
+  """
+  cfg = resolve_data_config(data_config)
+  process_index, process_count = _processes(process_index, process_count)
+  hosts = dict(process_index=process_index, process_count=process_count)
+  common = dict(batch_size=batch_size, tokenizer=tokenizer, context_length=context_length,
+                templates=cfg.templates, pad_remainder=pad_remainder, limits=_limits(cfg))
+
+  if cfg.source == "synthetic":
+    synthetic = SyntheticCaptions(image_size, cfg.seed, "test")
+    total = int(cfg.num_eval_examples)
+    first = total * process_index // process_count
+    stop = total * (process_index + 1) // process_count
+    return EvalDataset(
+        _synthetic_eval_chunks(synthetic, first, stop, batch_size),
+        captions=caption_fn(synthetic.class_names, cfg.templates),
+        class_names=synthetic.class_names, num_examples=stop - first,
+        where="the synthetic test split", **common)
+
+  from clipdistill_jax.data import tf_pipeline
+
+  class_names = cfg.class_names
+  if cfg.source in ("manifest", "tfrecord"):
+    from clipdistill_jax.data import local
+
+    path = split or cfg.eval_path
+    if not path:
+      raise ValueError(f"Evaluating data.source={cfg.source!r} needs data.eval_path (or split=).")
+    if cfg.source == "manifest":
+      rows = local.read_manifest(path, image_key=cfg.image_key, caption_key=cfg.caption_key,
+                                 label_key=cfg.label_key)
+      records, size = local.manifest_eval_records(rows, **hosts)
+    else:
+      files = local.list_tfrecords(path)
+      keys = local.tfrecord_features(files, image_key=cfg.image_key,
+                                     caption_key=cfg.caption_key, label_key=cfg.label_key)
+      records, size = local.tfrecord_eval_records(files, keys, **hosts), None
+    where = path
+  else:
+    from clipdistill_jax.data import tfds_source
+
+    source = _open_tfds(cfg)
+    split = split or cfg.eval_split
+    records, size = tfds_source.tfds_eval_records(source, split=split,
+                                                  num_threads=cfg.num_threads, **hosts)
+    class_names = source.class_names
+    where = f"tfds {cfg.name} {split}"
+
+  settings = tf_pipeline.DecodeSettings(image_size=image_size, seed=cfg.seed, train=False,
+                                        **hosts)
+  chunks = tf_pipeline.eval_chunks(records, settings, chunk_size=batch_size,
+                                   num_parallel_calls=cfg.num_parallel_calls,
+                                   num_threads=cfg.num_threads)
+  return EvalDataset(lambda: tf_pipeline.NumpyIterator(chunks),
+                     captions=caption_fn(class_names, cfg.templates), class_names=class_names,
+                     num_examples=size, where=where, **common)
+
+
+def _open_tfds(cfg):
+  from clipdistill_jax.data import tfds_source
+
+  return tfds_source.open_tfds(cfg.name, data_dir=cfg.data_dir, image_key=cfg.image_key,
+                               caption_key=cfg.caption_key, label_key=cfg.label_key,
+                               class_names=cfg.class_names)
