@@ -1,0 +1,243 @@
+"""`clipdistill search|moderate|classify` over a tiny exported student's ONNX files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from clipdistill_jax import cli  # noqa: E402
+from clipdistill_jax.data.preprocess import decode_and_preprocess  # noqa: E402
+from clipdistill_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from clipdistill_jax.export import onnx_export  # noqa: E402
+from clipdistill_jax.export import onnx_runtime as rt  # noqa: E402
+from clipdistill_jax.export.samples import reference_photos  # noqa: E402
+from clipdistill_jax.export.torch_export import (  # noqa: E402
+  export_student,
+  flax_embeddings,
+  load_torch_model,
+)
+from clipdistill_jax.models import hf  # noqa: E402
+from clipdistill_jax.models.config import tiny_config  # noqa: E402
+
+LABELS = "cat,astronaut,cup of coffee,rocket"
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+  """A tiny random student exported with fp32 and int8 ONNX files."""
+  config = tiny_config()
+  rng = np.random.default_rng(0)
+
+  def draw(path, spec):
+    noise = rng.standard_normal(spec.shape).astype(np.float32)
+    name = path[-1].key
+    if name == "scale":
+      return 1 + 0.1 * noise
+    if name == "logit_scale":
+      return np.float32(2.6592) + 0.1 * noise
+    return (0.1 if name == "bias" else 0.05) * noise
+  params = jax.tree_util.tree_map_with_path(draw, hf.param_shapes(config))
+  out = export_student(config, params, tmp_path_factory.mktemp("model"), load_tokenizer())
+  onnx_export.export_onnx(load_torch_model(out), config, out / rt.ONNX_DIR, out)
+  onnx_export.quantize_onnx_int8(out / rt.ONNX_DIR)
+  return config, params, out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+  """Photos as JPEG/PNG (one RGBA, one grayscale, one in a subfolder), plus a corrupt
+  file, an empty file, a non-image and a hidden folder that must be ignored."""
+  folder = tmp_path_factory.mktemp("images")
+  photos = reference_photos()
+  for i, (image, caption) in enumerate(zip(photos.images[:7], photos.captions, strict=False)):
+    name = caption.replace(" ", "_")[:24]
+    target = folder / "sub" if i == 6 else folder
+    target.mkdir(exist_ok=True)
+    suffix = ".png" if image.ndim == 2 or image.shape[-1] == 4 or i % 2 else ".jpg"
+    PIL.Image.fromarray(image).save(target / f"{i}_{name}{suffix}")
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+  (folder / "empty.png").write_bytes(b"")
+  (folder / "notes.txt").write_text("not an image")
+  (folder / ".thumbnails").mkdir()
+  PIL.Image.fromarray(photos.images[0]).save(folder / ".thumbnails" / "ignored.png")
+  return folder
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+  code = cli.main([str(a) for a in argv])
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def _good_images(folder):
+  return sorted(p for p in folder.glob("*.*") if p.suffix in (".jpg", ".png")
+                and p.name not in ("broken.jpg", "empty.png"))
+
+
+def test_classify_matches_the_flax_student_end_to_end(student, images, capsys):
+  config, params, out = student
+  files = _good_images(images)
+  code, stdout, stderr = _run(capsys, "classify", "--model", out, "--labels", LABELS,
+                              "--top-k", "4", "--json", *files, images / "broken.jpg")
+  assert code == 0, stderr
+  result = json.loads(stdout)
+  assert [r["image"] for r in result["results"]] == [str(f) for f in files]
+  assert [s["image"] for s in result["skipped"]] == [str(images / "broken.jpg")]
+  assert "broken.jpg" in stderr and "not a readable image" in stderr
+
+  labels = LABELS.split(",")
+  pixels = np.stack([decode_and_preprocess(f.read_bytes(), 32) for f in files])
+  ids, mask = load_tokenizer(str(out))([f"a photo of {x}" for x in labels], 16)
+  image_embeds, text_embeds = flax_embeddings(config, params, pixels, ids, mask)
+  logits = np.exp(params["logit_scale"]) * image_embeds @ text_embeds.T
+  expected = np.exp(logits - logits.max(-1, keepdims=True))
+  expected /= expected.sum(-1, keepdims=True)
+  got = np.array([[next(t["probability"] for t in r["top"] if t["label"] == x) for x in labels]
+                  for r in result["results"]])
+  print(f"classify probabilities vs Flax: max abs diff {np.abs(got - expected).max():.2e}")
+  np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_classify_lines_with_int8_and_folder_argument(student, images, capsys):
+  code, stdout, stderr = _run(capsys, "classify", "--model", student[2] / rt.ONNX_DIR,
+                              "--int8", "--labels", LABELS, "--top-k", "2", images)
+  assert code == 0, stderr
+  lines = stdout.strip().splitlines()
+  assert len(lines) == len(_good_images(images)) + 1  # + the one in sub/, not .thumbnails/
+  assert all(len(line.split("\t")) == 2 for line in lines)
+  assert "skipped 2 file(s)" in stderr  # broken.jpg and empty.png
+
+
+def test_moderate_flags_probabilities_over_the_threshold(student, images, capsys):
+  files = _good_images(images)[:3]
+  code, stdout, stderr = _run(capsys, "moderate", "--model", student[2], "--labels",
+                              "violence,nudity,hate speech", "--threshold", "0.7", *files,
+                              images / "empty.png")
+  assert code == 0, stderr
+  report = json.loads(stdout)
+  assert report["labels"] == ["violence", "nudity", "hate speech"]
+  assert report["threshold"] == 0.7 and report["neutral"] == [cli.DEFAULT_NEUTRAL]
+  assert [s["image"] for s in report["skipped"]] == [str(images / "empty.png")]
+  for r in report["results"]:
+    probs = r["probabilities"]
+    assert sum(probs.values()) + r["neutral_probability"] == pytest.approx(1, abs=1e-5)
+    assert r["flagged"] == [k for k, p in probs.items() if p > 0.7]
+    assert r["safe"] == (not r["flagged"])
+
+  # Without a neutral prompt the three concepts share all the probability: with a threshold
+  # under 1/3 every image must be flagged for at least one.
+  code, stdout, _ = _run(capsys, "moderate", "--model", student[2], "--labels",
+                         "violence,nudity,hate speech", "--threshold", "0.3", "--neutral", "",
+                         *files)
+  report = json.loads(stdout)
+  assert code == 0 and all(r["flagged"] for r in report["results"])
+  assert all(sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+             for r in report["results"])
+
+
+def test_search_embeds_once_then_reuses_the_index(student, images, tmp_path, capsys):
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  for f in _good_images(images) + [images / "broken.jpg"]:
+    (folder / f.name).write_bytes(f.read_bytes())
+  index = tmp_path / "cache" / "index.npz"
+  argv = ["search", "--model", student[2], "--images", folder, "--query", "a photo of a cat",
+          "--top-k", "3", "--index", index, "--json"]
+  code, stdout, stderr = _run(capsys, *argv)
+  assert code == 0, stderr
+  first = json.loads(stdout)
+  good = len(_good_images(images))
+  assert first["indexed"] == good and first["embedded_now"] == good
+  assert [s["image"] for s in first["skipped"]] == [str(folder / "broken.jpg")]
+  assert len(first["results"]) == 3 and index.exists()
+  scores = [r["score"] for r in first["results"]]
+  assert scores == sorted(scores, reverse=True)
+
+  model = rt.OnnxCLIP(student[2])
+  query = model.encode_texts(["a photo of a cat"])[0]
+  for r in first["results"]:
+    embedding = model.encode_pixels(rt.load_image_file(r["path"], 32)[None])[0]
+    assert r["score"] == pytest.approx(float(embedding @ query), abs=1e-5)
+
+  code, stdout, _ = _run(capsys, *argv)
+  second = json.loads(stdout)
+  assert code == 0 and second["embedded_now"] == 0 and second["reused"] == good
+  assert second["results"] == first["results"]
+
+  new = folder / "new.png"
+  new.write_bytes(_good_images(images)[0].read_bytes())
+  code, stdout, _ = _run(capsys, *argv[:-1])  # plain output this time
+  assert code == 0
+  lines = stdout.strip().splitlines()
+  assert len(lines) == 3 and all(float(line.split("\t")[0]) <= 1 for line in lines)
+  code, stdout, _ = _run(capsys, *argv)
+  assert json.loads(stdout)["indexed"] == good + 1
+
+
+@pytest.mark.parametrize("argv_tail,message", [
+    (["classify", "--model", "{missing}", "--labels", "a,b", "{image}"], "does not exist"),
+    (["classify", "--model", "{hf_only}", "--labels", "a,b", "{image}"], "--onnx"),
+    (["search", "--model", "{model}", "--images", "{empty}", "--query", "x"], "no images"),
+    (["search", "--model", "{model}", "--images", "{missing}", "--query", "x"],
+     "does not exist"),
+    (["classify", "--model", "{model}", "--labels", "a,b", "{broken}", "{missing}"],
+     "none of the 2 image(s) could be read"),
+    (["classify", "--model", "{model}", "--labels", " , ", "{image}"], "--labels is empty"),
+    (["classify", "--model", "{model}", "--labels", "a,b", "--template", "x", "{image}"],
+     "no {}"),
+    (["moderate", "--model", "{model}", "--labels", "a", "--threshold", "1.5", "{image}"],
+     "not a probability"),
+    (["classify", "--model", "{int8_less}", "--int8", "--labels", "a,b", "{image}"],
+     "no int8 ONNX files"),
+])
+def test_bad_inputs_give_one_clear_error(student, images, tmp_path, capsys, argv_tail,
+                                         message):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  hf_only = tmp_path / "hf_only"
+  hf_only.mkdir()
+  (hf_only / "config.json").write_text("{}")
+  int8_less = tmp_path / "int8_less"
+  int8_less.mkdir()
+  for f in (student[2] / rt.ONNX_DIR).iterdir():
+    if "int8" not in f.name:
+      (int8_less / f.name).write_bytes(f.read_bytes())
+  manifest = rt.read_manifest(int8_less)
+  del manifest["files"]["int8"]
+  rt.write_manifest(int8_less, manifest)
+  names = {"missing": tmp_path / "nope", "hf_only": hf_only, "model": student[2],
+           "empty": empty, "image": _good_images(images)[0], "broken": images / "broken.jpg",
+           "int8_less": int8_less}
+  argv = [a.format(**names) if a.startswith("{") and a != "{}" else a for a in argv_tail]
+  code, stdout, stderr = _run(capsys, *argv)
+  assert code == 1
+  assert stderr.count("clipdistill: error:") == 1 and message in stderr, stderr
+
+
+def test_module_entry_point_runs_without_torch_or_jax(student, images):
+  env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+  image = str(_good_images(images)[0])
+  result = subprocess.run(
+      [sys.executable, "-m", "clipdistill_jax.cli", "classify", "--model", str(student[2]),
+       "--labels", LABELS, image], capture_output=True, text=True, env=env, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith(image)
+
+  probe = ("import sys; from clipdistill_jax import cli; "
+           f"code = cli.main(['classify', '--model', {str(student[2])!r}, '--labels', 'a,b', "
+           f"{image!r}]); heavy = sorted(m for m in ('torch', 'jax', 'transformers', "
+           "'tensorflow', 'flax') if m in sys.modules); print('HEAVY', heavy); "
+           "sys.exit(code or bool(heavy))")
+  result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=env, timeout=120)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "HEAVY []" in result.stdout
