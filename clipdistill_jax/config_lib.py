@@ -1,0 +1,84 @@
+"""Every config knob, named in one place. configs/*.py start here and change what they need.
+
+Field by field:
+  mode               'train' (one run) or 'experiment' (teacher / distilled / no-teacher table)
+  seed               init and data order
+  tokenizer          a directory with CLIP tokenizer files; None = the packaged CLIP BPE.
+                     Teacher and student share the tokenizer and the image transforms: a
+                     student is distilled on exactly the inputs the teacher sees.
+  teacher.source     HF hub id or local directory (load_pretrained); None = no teacher
+  teacher.dtype      'float32' | 'bfloat16' (a frozen bf16 teacher halves its memory and time)
+  student.arch       'article' | 'teacher' | 'custom' (widths in student.custom) | 'file'
+                     (an HF config.json); without a teacher, shapes start from student.base
+                     ('vit_b32' | 'tiny') and student.image_size / patch_size / context_length
+  student.init       'random' (HF's init) | 'inherit' (weights cut from the teacher)
+  loss.weights       feature / hidden / logit_kl / attention / contrastive (0 = off)
+  loss.hidden_layers teacher layers whose hidden states are distilled ('4,8,12'), 'uniform',
+                     'none', or student:teacher pairs ('3:4,8:12'); attention_layers likewise
+  optim.*            AdamW, schedule, clipping, accumulation, logit-scale clamp
+  train.*            steps, global batch, logging / checkpoint intervals
+  data.*             see clipdistill_jax/data/pipeline.py
+  eval.*             zero-shot / retrieval evaluation during and after training
+  mesh.*             device mesh shape over ('data', 'fsdp', 'tensor') and logical-axis rules
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from clipdistill_jax import sharding
+from clipdistill_jax.data import pipeline
+
+TEACHER_HUB_ID = "openai/clip-vit-base-patch32"
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "train"
+  c.seed = 0
+  c.tokenizer = ml_collections.config_dict.placeholder(str)
+  c.distributed = "auto"
+
+  c.teacher = ml_collections.ConfigDict(dict(source=TEACHER_HUB_ID, dtype="float32",
+                                             allow_pickle=False))
+  c.student = ml_collections.ConfigDict(dict(
+      arch="article", init="random", dtype="float32", remat_policy="none",
+      file=ml_collections.config_dict.placeholder(str), base="vit_b32",
+      image_size=ml_collections.config_dict.placeholder(int),
+      patch_size=ml_collections.config_dict.placeholder(int),
+      context_length=ml_collections.config_dict.placeholder(int),
+      inherit_vision_layers=ml_collections.config_dict.placeholder(tuple),
+      inherit_text_layers=ml_collections.config_dict.placeholder(tuple),
+      custom=dict(projection_dim=256, text_hidden_size=384, text_intermediate_size=1536,
+                  text_layers=8, text_heads=6, vision_hidden_size=512,
+                  vision_intermediate_size=2048, vision_layers=8, vision_heads=8)))
+
+  # The article's multi-task loss: features 0.7 (split evenly between the final embeddings
+  # and the hidden states at teacher layers [4, 8, 12]), attention 0.2 (its loss class's
+  # beta; the YAML's 0.3 would make the weights sum past 1), contrastive 0.1, plus the KL of
+  # its FeatureDistillationLoss at temperature 3.
+  c.loss = ml_collections.ConfigDict(dict(
+      weights=dict(feature=0.35, hidden=0.35, logit_kl=0.5, attention=0.2, contrastive=0.1),
+      temperature=3.0, hidden_layers="4,8,12", attention_layers="uniform"))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=2e-5, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
+      schedule="warmup_cosine", warmup_steps=1000, end_lr_ratio=0.0, grad_clip_norm=1.0,
+      grad_accum_steps=1, max_logit_scale=100.0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      total_steps=50_000, batch_size=64, log_every=50, checkpoint_every=1000,
+      keep_checkpoints=3, async_checkpoints=True))
+
+  c.data = pipeline.default_data_config()
+  c.data.update(dict(source="tfds", name="coco_captions", split="train", eval_split="val",
+                     caption_key="captions/text"))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      every=5000, zero_shot=("cifar10",), templates=None, max_examples=10_000,
+      batch_size=256, retrieval=None))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      shape=(-1, 1, 1), axes=sharding.MESH_AXES,
+      rules=tuple((name, axes) for name, axes in sharding.DEFAULT_RULES)))
+  return c

@@ -1,0 +1,88 @@
+r"""Entry point: `python -m clipdistill_jax.main --config configs/demo.py --workdir DIR`.
+
+Any config field can be overridden on the command line, e.g. `--config.train.total_steps=100`.
+The config's `mode` picks what runs: 'train' (one distillation run) or 'experiment' (teacher
+vs distilled student vs no-teacher student, evaluated into a results table; configs/demo.py).
+Rerunning the same command resumes from the workdir's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import re
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _all_keys(config, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in config.items():
+    if hasattr(v, "items"):
+      keys.extend(_all_keys(v, f"{prefix}{k}."))
+    keys.append(f"{prefix}{k}")
+  return keys
+
+
+def check_overrides(argv: list[str]) -> None:
+  """Rejects `--config.some.typo=...` with the closest valid key, before absl's traceback."""
+  path = None
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  if path is None:
+    return
+  file, _, config_arg = path.partition(":")
+  if not os.path.exists(file):
+    raise SystemExit(f"error: config file {file!r} not found (try configs/demo.py).")
+  spec = importlib.util.spec_from_file_location("_clipdistill_config", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(config_arg) if config_arg else module.get_config()
+  valid = _all_keys(config)
+  for arg in argv:
+    match = re.match(r"--config\.([\w.]+)", arg)
+    if match and match.group(1) not in valid:
+      close = difflib.get_close_matches(match.group(1), valid, n=1, cutoff=0.5)
+      hint = f" Did you mean --config.{close[0]}?" if close else ""
+      raise SystemExit(f"error: {file} has no field {match.group(1)!r}.{hint} "
+                       f"Valid top-level fields: {', '.join(sorted(config.keys()))}.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config and --workdir only.")
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  logging.info("Config:\n%s", config)
+  from clipdistill_jax import train
+  train.dump_config(config, workdir)
+  mode = config.get("mode", "train")
+  if mode == "experiment":
+    from clipdistill_jax import experiment
+    experiment.run(config, workdir)
+  elif mode == "train":
+    from clipdistill_jax import experiment
+    train.train(config, workdir, eval_fn=experiment.make_eval_fn(config))
+  else:
+    raise app.UsageError(f"config.mode={mode!r}: use 'train' or 'experiment'.")
+
+
+def run() -> None:
+  check_overrides(sys.argv)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
