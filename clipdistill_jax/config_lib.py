@@ -1,7 +1,8 @@
 """Every config knob, named in one place. configs/*.py start here and change what they need.
 
 Field by field:
-  mode               'train' (one run) or 'experiment' (teacher / distilled / no-teacher table)
+  mode               'train' (one run) or 'experiment' (teacher / distilled / no-teacher table;
+                     experiment.* in clipdistill_jax/experiment.py)
   seed               init and data order
   tokenizer          a directory with CLIP tokenizer files; None = the packaged CLIP BPE.
                      Teacher and student share the tokenizer and the image transforms: a
@@ -77,6 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       every=5000, zero_shot=("cifar10",), templates=None, max_examples=10_000,
       batch_size=256, retrieval=None))
+
+  # experiment mode: teacher_steps > 0 first trains a teacher of shape teacher_arch on the
+  # data (the offline demo); 0 uses teacher.source as it is.
+  c.experiment = ml_collections.ConfigDict(dict(teacher_steps=0, teacher_lr=1e-3,
+                                                teacher_arch=ml_collections.ConfigDict()))
 
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1), axes=sharding.MESH_AXES,

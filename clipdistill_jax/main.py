@@ -66,17 +66,24 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config and --workdir only.")
   config, workdir = _CONFIG.value, _WORKDIR.value
   logging.info("Config:\n%s", config)
-  from clipdistill_jax import train
-  train.dump_config(config, workdir)
+  from clipdistill_jax import experiment, train
+  from clipdistill_jax.data.batches import TooManyCorruptImagesError
+  from clipdistill_jax.data.compat import IncompatibleInputsError
+
   mode = config.get("mode", "train")
-  if mode == "experiment":
-    from clipdistill_jax import experiment
-    experiment.run(config, workdir)
-  elif mode == "train":
-    from clipdistill_jax import experiment
-    train.train(config, workdir, eval_fn=experiment.make_eval_fn(config))
-  else:
+  if mode not in ("train", "experiment"):
     raise app.UsageError(f"config.mode={mode!r}: use 'train' or 'experiment'.")
+  train.maybe_initialize_distributed(config)  # before anything (dump_config) touches jax
+  train.dump_config(config, workdir)
+  try:
+    if mode == "experiment":
+      experiment.run(config, workdir)
+    else:
+      train.train(config, workdir, eval_fn=experiment.make_eval_fn(config))
+  except (FileNotFoundError, IncompatibleInputsError, TooManyCorruptImagesError,
+          train.NonFiniteLossError) as e:
+    # Problems the user can fix: say what and how, without a traceback.
+    raise SystemExit(f"error: {e}") from None
 
 
 def run() -> None:
