@@ -57,8 +57,15 @@ def build_models(config: ml_collections.ConfigDict) -> Models:
   """Loads the teacher from its source and derives the student's config from it."""
   teacher_config = teacher_params = teacher = None
   if config.teacher.get("source"):
-    teacher_config, teacher_params = hf.load_pretrained(
-        config.teacher.source, allow_pickle=config.teacher.get("allow_pickle", False))
+    try:
+      teacher_config, teacher_params = hf.load_pretrained(
+          config.teacher.source, allow_pickle=config.teacher.get("allow_pickle", False))
+    except FileNotFoundError as e:
+      raise FileNotFoundError(
+          f"{e}\nThe teacher could not be loaded. Point at a local copy with "
+          "--config.teacher.source=/path/to/clip-vit-base-patch32, or run the offline demo, "
+          "which needs no download: python -m clipdistill_jax.main --config configs/demo.py "
+          "--workdir /tmp/demo") from e
     dtype = DTYPES[config.teacher.get("dtype", "float32")]
     teacher = CLIPModel(teacher_config, dtype=dtype, param_dtype=dtype)
     teacher_params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype), teacher_params)
@@ -223,7 +230,10 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     wanted = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or (
         len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
   if wanted and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+    # jax reads JAX_COORDINATOR_ADDRESS itself, but not the process count and id (0.10.2).
+    count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(num_processes=int(count) if count else None,
+                               process_id=int(index) if index else None)
 
 
 def make_writer(workdir: str) -> metric_writers.MetricWriter:
