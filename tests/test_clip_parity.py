@@ -47,7 +47,8 @@ def _inputs(config: CLIPConfig, batch: int, padded: bool, seed: int = 0):
   return pixels, ids, mask
 
 
-def _compare(hf_model, config, params, pixels, ids, mask):
+def _compare(hf_model, config, params, pixels, ids, mask, relative=False):
+  """Max abs diff per output; relative=True divides by max(1, max |reference|)."""
   with torch.no_grad():
     ref = hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                    pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
@@ -81,8 +82,11 @@ def _compare(hf_model, config, params, pixels, ids, mask):
     # Rows of padded queries are not used downstream; transformers fills them differently.
     valid = mask[:, None, :, None].astype(bool)
     diffs[f"text_attention_{i}"] = (np.where(valid, a, 0), np.where(valid, b.numpy(), 0))
-  return {k: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for k, (a, b) in
-          diffs.items()}
+  def diff(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    scale = max(1.0, float(np.max(np.abs(b)))) if relative else 1.0
+    return float(np.max(np.abs(a - b))) / scale
+  return {k: diff(a, b) for k, (a, b) in diffs.items()}
 
 
 @pytest.mark.parametrize("eos_token_id,hidden_act,padded", [
@@ -209,3 +213,34 @@ def test_missing_checkpoint_errors_name_what_was_tried(tmp_path):
 
 def test_parameter_counts_pinned():
   assert count_params(hf.param_shapes(CLIPConfig())) == 151_277_313
+
+
+def test_vit_b32_shape_parity_on_real_photos():
+  """Random weights at the published shape; two real photos, real captions, real tokenizer."""
+  skimage_data = pytest.importorskip("skimage.data")
+  from clipdistill_jax.data.preprocess import preprocess_images
+  from clipdistill_jax.data.tokenizer import load_tokenizer
+
+  config = CLIPConfig.from_dict({**CLIPConfig().to_dict(),
+                                 "text_config": {**CLIPConfig().to_dict()["text_config"],
+                                                 "eos_token_id": 2}})  # as published
+  torch.manual_seed(0)
+  hf_config = transformers.CLIPConfig(**config.to_dict())
+  hf_config._attn_implementation = "eager"
+  model = transformers.CLIPModel(hf_config).eval()
+  assert sum(p.numel() for p in model.parameters()) == 151_277_313
+  params = hf.hf_state_dict_to_flax({k: v.numpy() for k, v in model.state_dict().items()},
+                                    config)
+  assert count_params(params) == 151_277_313
+
+  pixels = preprocess_images([skimage_data.astronaut(), skimage_data.chelsea()], 224)
+  ids, mask = load_tokenizer()(["a photo of an astronaut", "a photo of a cat on a rug"])
+  # Outputs are O(1) but B/32's hidden states reach |x| ~ 10-100, where fp32 rounding of
+  # 768-wide sums alone is ~1e-5: those compare relative to their largest magnitude.
+  diffs = _compare(model, config, params, pixels, ids.astype(np.int64),
+                   mask.astype(np.int64), relative=True)
+  print(f"ViT-B/32 shape: max relative diff {max(diffs.values()):.2e} "
+        f"({max(diffs, key=diffs.get)}); embeds "
+        f"{max(diffs['image_embeds'], diffs['text_embeds']):.2e}, logits "
+        f"{diffs['logits_per_image']:.2e}")
+  assert max(diffs.values()) <= TOL, {k: v for k, v in diffs.items() if v > TOL}
