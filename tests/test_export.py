@@ -2,8 +2,7 @@
 
 import dataclasses
 import json
-import sys
-import types
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -213,29 +212,34 @@ def test_out_dir_that_is_not_an_export_is_refused(tmp_path, exported):
   assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-def test_script_converts_the_workdir_student(tmp_path, monkeypatch, capsys, exported):
-  """scripts/convert_to_pytorch.py over convert_workdir, with load_student stubbed until the
-  trainer's checkpoints module is exercised end to end."""
-  config, params = exported[0], exported[1]
-  calls = []
-
-  def load_student(workdir, step=None):
-    calls.append((workdir, step))
-    return config, params, 7
-  monkeypatch.setitem(sys.modules, "clipdistill_jax.checkpoints",
-                      types.SimpleNamespace(load_student=load_student))
+def test_trained_student_end_to_end_through_the_script(tmp_path, capsys):
+  """Train a tiny student 2 steps with the real trainer, then scripts/convert_to_pytorch.py:
+  orbax checkpoint -> HF directory that transformers loads -> parity printed and required."""
   import importlib.util
+
+  from clipdistill_jax import train
+
   spec = importlib.util.spec_from_file_location(
-      "convert_to_pytorch", convert.__file__.replace(
-          "clipdistill_jax/export/convert.py", "scripts/convert_to_pytorch.py"))
+      "tiny_train", Path(convert.__file__).parents[2] / "configs" / "tiny_train.py")
+  tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tiny)
+  config = tiny.get_config()
+  config.train.update(dict(total_steps=2, checkpoint_every=1, log_every=1))
+  config.eval.every = 0
+  train.train(config, str(tmp_path / "run"))
+
+  spec = importlib.util.spec_from_file_location(
+      "convert_to_pytorch", Path(convert.__file__).parents[2] / "scripts" /
+      "convert_to_pytorch.py")
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
   out = tmp_path / "exported"
-  assert script.main(["--workdir", str(tmp_path / "run"), "--out", str(out), "--step", "7",
+  assert script.main(["--workdir", str(tmp_path / "run"), "--out", str(out),
                       "--no-benchmark"]) == 0
   printed = capsys.readouterr().out
   assert "PyTorch vs Flax" in printed and "-> OK" in printed
-  assert calls == [(str(tmp_path / "run"), 7)]
   report = json.loads((out / convert.REPORT_FILE).read_text())
-  assert report["step"] == 7 and report["ok"]
+  assert report["step"] == 2 and report["ok"]
+  model, info = transformers.CLIPModel.from_pretrained(out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
   assert not (out / rt.ONNX_DIR).exists() and not (out / quantize.INT8_WEIGHTS).exists()
