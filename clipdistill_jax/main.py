@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging as pylogging
 import os
 import re
 import sys
@@ -61,9 +62,17 @@ def check_overrides(argv: list[str]) -> None:
                        f"Valid top-level fields: {', '.join(sorted(config.keys()))}.")
 
 
+class _QuietCheckpointLogs(pylogging.Filter):
+  """Orbax logs a dozen INFO lines per checkpoint; keep its warnings, drop the chatter."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config and --workdir only.")
+  logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   config, workdir = _CONFIG.value, _WORKDIR.value
   logging.info("Config:\n%s", config)
   from clipdistill_jax import experiment, train

@@ -352,17 +352,29 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _check_finite(metrics: dict, step: int, manager) -> None:
-  """A NaN/inf loss stops the run; the last good checkpoint stays the latest one."""
+  """A NaN/inf loss stops the run before anything of this step is saved.
+
+  The loss of `step` comes from the state saved as step - 1: when that checkpoint is the
+  latest, resuming from it replays the same loss, so the message says which one to move
+  away. Nothing is deleted: the files are the user's.
+  """
   total = float(metrics["loss/total"])
   if np.isfinite(total):
     return
   manager.wait_until_finished()
-  last = manager.latest_step()
+  steps = sorted(manager.all_steps())
+  advice = ("Lower optim.lr, set optim.grad_clip_norm, or check the data, then rerun the same "
+            "command to resume from it.")
+  if steps and steps[-1] == step - 1:
+    older = steps[-2] if len(steps) > 1 else None
+    advice = (f"Checkpoint {step - 1} holds the parameters this loss came from, so resuming "
+              f"from it repeats the loss: move {manager.directory}/{step - 1} away"
+              + (f" to resume from step {older}" if older is not None else
+                 " and start over") + ", and lower optim.lr or set optim.grad_clip_norm.")
   raise NonFiniteLossError(
       f"loss is {total} at step {step} ({ {k: float(v) for k, v in metrics.items()} }). "
-      f"Nothing from this step was saved; the last good checkpoint is step {last} in "
-      f"{manager.directory}. Lower optim.lr, set optim.grad_clip_norm, or check the data, then "
-      "rerun the same command to resume from it.")
+      f"Nothing from this step was saved; the latest checkpoint is step "
+      f"{manager.latest_step()} in {manager.directory}. {advice}")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

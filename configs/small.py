@@ -38,6 +38,6 @@ def get_config():
   # betas (0.9, 0.999), 1000 warmup steps, 50k steps, temperature 3, layers [4, 8, 12].
   c.data.update(dict(source="tfds", name="coco_captions", split="train", eval_split="val",
                      caption_key="captions/text"))
-  c.eval.update(dict(every=5000, zero_shot=("cifar10",), templates="openai",
+  c.eval.update(dict(every=5000, zero_shot=("cifar10",), templates="openai_imagenet",
                      max_examples=10_000, batch_size=256, retrieval=True))
   return c

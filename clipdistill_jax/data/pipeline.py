@@ -88,9 +88,19 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+# Types of the knobs that default to None, so that the command line can set them
+# (`--config.data.path=...`): ml_collections refuses to override a plain None.
+_OPTIONAL_TYPES = {"name": str, "data_dir": str, "path": str, "eval_path": str,
+                   "image_key": str, "caption_key": str, "label_key": str,
+                   "class_names": tuple, "num_threads": int}
+
+
 def default_data_config() -> ml_collections.ConfigDict:
   """Every data knob with its default; configs override what they need."""
-  return ml_collections.ConfigDict(dict(_DEFAULTS))
+  placeholder = ml_collections.config_dict.placeholder
+  return ml_collections.ConfigDict({
+      k: placeholder(_OPTIONAL_TYPES[k]) if v is None and k in _OPTIONAL_TYPES else v
+      for k, v in _DEFAULTS.items()})
 
 
 def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDict | None,
