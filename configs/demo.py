@@ -20,10 +20,10 @@ def get_config():
   c = config_lib.base_config()
   c.mode = "experiment"
 
-  # The geometry both models share: 32 px images in 8 px patches, 24-token captions.
-  c.student.update(dict(base="tiny", image_size=32, patch_size=8, context_length=24))
+  # The geometry both models share: 64 px images in 16 px patches, 24-token captions.
+  c.student.update(dict(base="tiny", image_size=64, patch_size=16, context_length=24))
   c.experiment.update(dict(
-      teacher_steps=1200, teacher_lr=1e-3,
+      teacher_steps=800, teacher_lr=1e-3,
       teacher_arch=dict(projection_dim=64, text_hidden_size=64, text_intermediate_size=256,
                         text_layers=3, text_heads=4, vision_hidden_size=128,
                         vision_intermediate_size=512, vision_layers=4, vision_heads=4)))
@@ -41,8 +41,8 @@ def get_config():
   c.data.source = "synthetic"
   c.data.num_eval_examples = 960
   c.optim.update(dict(lr=2e-3, warmup_steps=50, weight_decay=0.05, grad_clip_norm=1.0))
-  c.train.update(dict(total_steps=600, batch_size=128, log_every=50, checkpoint_every=200,
+  c.train.update(dict(total_steps=500, batch_size=128, log_every=50, checkpoint_every=250,
                       keep_checkpoints=2))
-  c.eval.update(dict(every=200, zero_shot=("synthetic",), max_examples=960, batch_size=240,
+  c.eval.update(dict(every=250, zero_shot=("synthetic",), max_examples=960, batch_size=240,
                      retrieval=True, stats_repeats=5))
   return c

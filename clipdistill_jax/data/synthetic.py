@@ -63,6 +63,18 @@ CAPTION_TEMPLATES = (
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.",)
 SPLITS = ("train", "test")
 
+
+def zero_shot_templates() -> tuple[str, ...]:
+  """Zero-shot prompts in the captions' own words, '{}' standing for the class ("red circle").
+
+  One per (size, position, background): CLIP-style prompt ensembling over the attributes a
+  class name leaves out, so that "a photo of a red circle" is not the only, off-distribution
+  way of asking.
+  """
+  return tuple(f"a {size} {{}} {where} on a {BACKGROUNDS[background][1]} background"
+               for size in SIZE_NAMES for _, where in POSITIONS.values()
+               for background in BACKGROUND_NAMES)
+
 _CENTRE_JITTER = 0.04  # fraction of the image side
 _RADIUS_JITTER = 0.1  # relative
 _COLOUR_JITTER = 12  # grey levels per channel

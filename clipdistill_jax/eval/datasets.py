@@ -133,7 +133,7 @@ def _read_image(path: str, image_size: int) -> tuple[np.ndarray | None, str | No
 
 def _synthetic_dataset(split: str, image_size: int, max_examples: int | None
                        ) -> ZeroShotDataset:
-  from clipdistill_jax.data.synthetic import SyntheticCaptions
+  from clipdistill_jax.data.synthetic import SyntheticCaptions, zero_shot_templates
 
   source = SyntheticCaptions(image_size=image_size, split=split)
   total = max_examples or DEFAULT_SYNTHETIC_EXAMPLES
@@ -146,7 +146,7 @@ def _synthetic_dataset(split: str, image_size: int, max_examples: int | None
              labels.astype(np.int32))
 
   return ZeroShotDataset(name=SYNTHETIC_NAME, class_names=tuple(source.class_names),
-                         templates=get_templates("photo"), num_examples=total, _read=read)
+                         templates=zero_shot_templates(), num_examples=total, _read=read)
 
 
 # --- tensorflow-datasets ------------------------------------------------------------------
