@@ -149,13 +149,16 @@ def format_table(rows: Sequence[Mapping[str, Any]], details: bool = False) -> st
 def curves_from_metrics(metric_rows: Sequence[Mapping[str, Any]], prefix: str = "loss/"
                         ) -> dict[str, list[tuple[int, float]]]:
   """{component: [(step, value), ...]} from metrics.jsonl rows (writers.read_jsonl):
-  every key starting with `prefix`, prefix stripped ('loss/feature' -> 'feature')."""
+  every key starting with `prefix`, prefix stripped ('loss/feature' -> 'feature').
+  Components that are 0 at every step (switched off in that run, e.g. the no-teacher
+  student's distillation terms) are left out rather than drawn as a flat line."""
   curves: dict[str, list[tuple[int, float]]] = {}
   for row in metric_rows:
     for key, value in row.items():
       if key.startswith(prefix) and not _is_missing(value):
         curves.setdefault(key[len(prefix):], []).append((int(row["step"]), float(value)))
-  return {name: sorted(points) for name, points in curves.items()}
+  return {name: sorted(points) for name, points in curves.items()
+          if any(value != 0.0 for _, value in points)}
 
 
 # --- figures --------------------------------------------------------------------------------
