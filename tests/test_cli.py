@@ -5,10 +5,10 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import PIL.Image
 import pytest
+from tiny_models import tiny_student
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -25,7 +25,6 @@ from clipdistill_jax.export.torch_export import (  # noqa: E402
   flax_embeddings,
   load_torch_model,
 )
-from clipdistill_jax.models import hf  # noqa: E402
 from clipdistill_jax.models.config import tiny_config  # noqa: E402
 
 LABELS = "cat,astronaut,cup of coffee,rocket"
@@ -34,18 +33,7 @@ LABELS = "cat,astronaut,cup of coffee,rocket"
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
   """A tiny random student exported with fp32 and int8 ONNX files."""
-  config = tiny_config()
-  rng = np.random.default_rng(0)
-
-  def draw(path, spec):
-    noise = rng.standard_normal(spec.shape).astype(np.float32)
-    name = path[-1].key
-    if name == "scale":
-      return 1 + 0.1 * noise
-    if name == "logit_scale":
-      return np.float32(2.6592) + 0.1 * noise
-    return (0.1 if name == "bias" else 0.05) * noise
-  params = jax.tree_util.tree_map_with_path(draw, hf.param_shapes(config))
+  config, params = tiny_student(eos_token_id=tiny_config().text_config.eos_token_id)
   out = export_student(config, params, tmp_path_factory.mktemp("model"), load_tokenizer())
   onnx_export.export_onnx(load_torch_model(out), config, out / rt.ONNX_DIR, out)
   onnx_export.quantize_onnx_int8(out / rt.ONNX_DIR)
