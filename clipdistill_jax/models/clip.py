@@ -205,6 +205,31 @@ class VisionTransformer(nn.Module):
     return pooled, hidden, attentions
 
 
+class _PatchEmbedding(nn.Module):
+  """HF's stride-P conv (no bias) as one matmul over flattened P x P patches.
+
+  Same parameter as `nn.Conv` (`kernel` [P, P, C, hidden], HWIO) and the same result; XLA's
+  CPU backend runs the matmul form about 3x faster than the strided convolution, forward and
+  backward (scripts/benchmark.py).
+  """
+  hidden_size: int
+  patch_size: int
+  dtype: Dtype
+  param_dtype: Dtype
+  kernel_init: Callable
+
+  @nn.compact
+  def __call__(self, pixel_values: Array) -> Array:
+    p, channels = self.patch_size, pixel_values.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (p, p, channels, self.hidden_size),
+                        self.param_dtype)
+    batch, height, width, _ = pixel_values.shape
+    patches = pixel_values.astype(self.dtype).reshape(
+        batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(batch, (height // p) * (width // p), p * p * channels)
+    return jnp.dot(patches, kernel.astype(self.dtype).reshape(p * p * channels, -1))
+
+
 class _VisionEmbeddings(nn.Module):
   config: CLIPVisionConfig
   dtype: Dtype = jnp.float32
@@ -222,14 +247,11 @@ class _VisionEmbeddings(nn.Module):
     class_embedding = self.param(
         "class_embedding", _embed_init(cfg.hidden_size ** -0.5 * factor, ("embed",)),
         (cfg.hidden_size,), self.param_dtype)
-    patches = nn.Conv(
-        cfg.hidden_size, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
-        padding="VALID", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_embed_init(cfg.initializer_range * factor,
-                                ("conv_h", "conv_w", "conv_in", "embed")),
-        name="patch_embedding")(pixel_values.astype(self.dtype))
+    patches = _PatchEmbedding(
+        cfg.hidden_size, cfg.patch_size, self.dtype, self.param_dtype,
+        _embed_init(cfg.initializer_range * factor, ("conv_h", "conv_w", "conv_in", "embed")),
+        name="patch_embedding")(pixel_values)
     batch = patches.shape[0]
-    patches = patches.reshape(batch, -1, cfg.hidden_size)
     cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (batch, 1, cfg.hidden_size))
     x = jnp.concatenate([cls, patches], axis=1)
     position = nn.Embed(
