@@ -9,6 +9,9 @@ Field by field:
                      student is distilled on exactly the inputs the teacher sees.
   teacher.source     HF hub id or local directory (load_pretrained); None = no teacher
   teacher.dtype      'float32' | 'bfloat16' (a frozen bf16 teacher halves its memory and time)
+  teacher.cache_dir  None = run the teacher live; a directory written by
+                     `python -m clipdistill_jax.teacher_cache` = read its cached embeddings
+                     (feature/logit_kl/contrastive losses only; no random augmentation)
   student.arch       'article' | 'teacher' | 'custom' (widths in student.custom) | 'file'
                      (an HF config.json); without a teacher, shapes start from student.base
                      ('vit_b32' | 'tiny') and student.image_size / patch_size / context_length
@@ -41,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = "auto"
 
   c.teacher = ml_collections.ConfigDict(dict(
-      source=ml_collections.config_dict.placeholder(str), dtype="float32", allow_pickle=False))
+      source=ml_collections.config_dict.placeholder(str), dtype="float32", allow_pickle=False,
+      cache_dir=ml_collections.config_dict.placeholder(str)))
   c.teacher.source = TEACHER_HUB_ID
   c.student = ml_collections.ConfigDict(dict(
       arch="article", init="random", dtype="float32", remat_policy="none",

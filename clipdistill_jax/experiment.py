@@ -148,7 +148,8 @@ def _train_teacher(config: ml_collections.ConfigDict, workdir: Path) -> str:
     return str(hf_dir)
   ex = config.experiment
   stage = _stage_config(
-      config, **{"teacher.source": None, "student.arch": "custom", "student.init": "random",
+      config, **{"teacher.source": None, "teacher.cache_dir": None, "student.arch": "custom",
+                 "student.init": "random",
                  "student.custom": ex.teacher_arch.to_dict(),
                  "train.total_steps": ex.teacher_steps, "optim.lr": ex.teacher_lr})
   result = train.train(stage, str(workdir / "teacher"), eval_fn=make_eval_fn(stage))
@@ -173,7 +174,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                           eval_fn=make_eval_fn(distilled_cfg))
   # The baseline: same student, steps, data, schedule, seed; no teacher, contrastive only.
   baseline_cfg = _stage_config(
-      config, **{"teacher.source": None, "student.arch": "file", "student.init": "random",
+      config, **{"teacher.source": None, "teacher.cache_dir": None, "student.arch": "file",
+                 "student.init": "random",
                  "student.file": str(workdir_path / "distilled" / "student_config.json")})
   no_teacher = train.train(baseline_cfg, str(workdir_path / "no_teacher"),
                            eval_fn=make_eval_fn(baseline_cfg))

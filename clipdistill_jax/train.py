@@ -23,7 +23,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from clipdistill_jax import checkpoints, losses, optim, sharding
+from clipdistill_jax import checkpoints, losses, optim, sharding, teacher_cache
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.tokenizer import load_tokenizer
 from clipdistill_jax.models import hf, student
@@ -273,8 +273,15 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                      f"{dict(mesh.shape)}.")
   rng = jax.random.key(config.seed)
   state, state_shardings = init_state(config, models, loss, tx, mesh, rng)
+  cache = None
+  if config.teacher.get("cache_dir"):
+    # The teacher's embeddings come from disk (teacher_cache.py): it never runs here.
+    cache = teacher_cache.TeacherCache(config.teacher.cache_dir)
+    cache.check_config(config, jax.process_count())
+    loss = dataclasses.replace(loss, teacher_logit_scale=cache.teacher_logit_scale)
+    models.teacher_params = None
   teacher_params = None
-  if models.teacher is not None:
+  if models.teacher is not None and cache is None:
     teacher_abstract = jax.eval_shape(models.teacher.init, rng,
                                       *dummy_inputs(models.teacher_config))["params"]
     teacher_shardings = sharding.param_shardings(teacher_abstract, mesh,
@@ -301,7 +308,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   # --- the jitted step -------------------------------------------------------------------
   batch_shard = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
-      make_train_step(models, loss, tx, schedule, config.optim.max_logit_scale),
+      make_train_step(models, loss, tx, schedule, config.optim.max_logit_scale,
+                      cached_teacher=cache is not None),
       in_shardings=(state_shardings, batch_shard,
                     None if teacher_params is None else teacher_shardings),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -314,6 +322,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       image_size=models.student_config.vision_config.image_size,
       context_length=models.context_length, tokenizer=tokenizer, process_index=jax.process_index(),
       process_count=jax.process_count(), start_step=start_step)
+  cached_batches = (None if cache is None else
+                    cache.batches(start_step, process_index=jax.process_index()))
 
   # --- loop ------------------------------------------------------------------------------
   writer = make_writer(workdir)
@@ -325,7 +335,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   timer = time.perf_counter()
   with jax.set_mesh(mesh):
     for step in range(start_step + 1, tc.total_steps + 1):
-      batch = sharding.shard_host_batch(next(batches), mesh)
+      host_batch = next(batches)
+      if cached_batches is not None:
+        host_batch = teacher_cache.merge_cached(host_batch, next(cached_batches), step - 1)
+      batch = sharding.shard_host_batch(host_batch, mesh)
       state, metrics = step_fn(state, batch, teacher_params)
       metrics = jax.device_get(metrics)
       _check_finite(metrics, step, manager)

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 
+from clipdistill_jax import config_lib
 from clipdistill_jax.models import hf
 from clipdistill_jax.models.config import CLIPConfig, tiny_config
 
@@ -22,3 +23,25 @@ def tiny_student(eos_token_id: int, seed: int = 0) -> tuple[CLIPConfig, dict]:
       return np.float32(2.6592) + 0.1 * noise
     return (0.1 if name == "bias" else 0.05) * noise
   return config, jax.tree_util.tree_map_with_path(draw, hf.param_shapes(config))
+
+
+TINY_STUDENT = dict(projection_dim=16, text_hidden_size=24, text_intermediate_size=48,
+                    text_layers=1, text_heads=2, vision_hidden_size=32,
+                    vision_intermediate_size=64, vision_layers=1, vision_heads=2)
+
+
+def tiny_distill_config(**overrides):
+  """base_config() with a one-layer custom student, all five losses, synthetic data;
+  overrides as {"a.b": value}."""
+  c = config_lib.base_config()
+  c.student.arch = "custom"
+  c.student.custom = TINY_STUDENT
+  c.loss.hidden_layers = "uniform"  # all five losses on, as in the article
+  c.data.source = "synthetic"
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
