@@ -1,0 +1,1 @@
+"""Performance tooling: the train-step benchmark (ours vs a PyTorch peer)."""

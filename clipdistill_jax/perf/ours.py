@@ -1,0 +1,162 @@
+"""Our side of the step benchmark: the trainer's own jitted update step, timed.
+
+Run by the benchmark in its own process (`python -m clipdistill_jax.perf.ours --spec S
+--out O`): the models come from train.build_models (the teacher from a directory the
+benchmark wrote), the loss from train.make_loss, the state from train.init_state, the step
+from train.make_train_step, jitted with the trainer's shardings on the trainer's mesh.
+The student then starts from the weights the peer loads too, so the first-step losses of
+both sides can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from clipdistill_jax import optim, sharding, train
+from clipdistill_jax.models import hf
+from clipdistill_jax.perf import common
+
+
+def xla_flops(compiled) -> float | None:
+  """FLOPs of a compiled computation by XLA's cost analysis (a dict, or a list of one dict
+  per program on some versions); None where the backend does not report them."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if isinstance(analysis, list | tuple):
+    analysis = analysis[0] if analysis else None
+  if not analysis or "flops" not in analysis:
+    return None
+  return float(analysis["flops"])
+
+
+def matmul_runner(n: int, device: jax.Device):
+  """A blocking jitted fp32 [n, n] @ [n, n] on one device (for common.matmul_peak)."""
+  rng = np.random.default_rng(0)
+  a = jax.device_put(rng.random((n, n), np.float32), device)
+  b = jax.device_put(rng.random((n, n), np.float32), device)
+  dot = jax.jit(jnp.dot)
+  return lambda: dot(a, b).block_until_ready()
+
+
+def _student_params(student_dir: str) -> Any:
+  """fp32 master weights (the student's `dtype` is its compute dtype, as in init_state)."""
+  return hf.load_pretrained(student_dir)[1]
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+  started = time.perf_counter()
+  config = ml_collections.ConfigDict(spec["config"])
+  cached = bool(spec["cached_teacher"])
+  devices = jax.devices()[:spec.get("num_devices") or jax.device_count()]
+
+  # --- models, loss, optimizer (the trainer's functions) ---------------------------------
+  models = train.build_models(config)
+  loss = train.make_loss(config, models)
+  if cached:  # cached embeddings carry no logit scale: use the teacher's (as the cache does)
+    scale = float(np.exp(np.asarray(models.teacher_params["logit_scale"], np.float32)))
+    loss = dataclasses.replace(loss, teacher_logit_scale=scale)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
+
+  # --- mesh and sharded state ------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices=devices)
+  rules = [tuple(r) for r in config.mesh.rules]
+  state, state_shardings = train.init_state(config, models, loss, tx, mesh, jax.random.key(0))
+  state["params"]["student"] = sharding.put_tree(  # the peer's starting point too
+      _student_params(spec["student_dir"]), state_shardings["params"]["student"])
+  abstract = jax.eval_shape(models.teacher.init, jax.random.key(0),
+                            *train.dummy_inputs(models.teacher_config))["params"]
+  teacher_shardings = sharding.param_shardings(abstract, mesh, rules)
+  teacher_params = sharding.put_tree(models.teacher_params, teacher_shardings)
+  models.teacher_params = None
+
+  host_batch = common.make_batch(spec["batch_size"], **spec["batch_shape"], seed=spec["seed"])
+  if cached:  # what the cache holds for this batch; then the teacher leaves the device
+    with jax.set_mesh(mesh):
+      host_batch.update(cached_teacher_outputs(models.teacher, teacher_params, host_batch,
+                                               mesh))
+    teacher_params = teacher_shardings = None
+  batch = sharding.shard_host_batch(host_batch, mesh)
+
+  # --- the jitted step, exactly as train.train() builds it -------------------------------
+  step_fn = jax.jit(
+      train.make_train_step(models, loss, tx, schedule, config.optim.max_logit_scale,
+                            cached_teacher=cached),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
+      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+  with jax.set_mesh(mesh):
+    compile_start = time.perf_counter()
+    compiled = step_fn.lower(state, batch, teacher_params).compile()
+    compile_s = time.perf_counter() - compile_start
+    setup_s = time.perf_counter() - started - compile_s
+    flops = xla_flops(compiled)
+
+    def step():
+      nonlocal state
+      state, metrics = compiled(state, batch, teacher_params)
+      return jax.block_until_ready(metrics)
+
+    first = {k: float(v) for k, v in jax.device_get(step()).items() if k.startswith("loss/")}
+    for _ in range(spec["warmup_steps"]):
+      step()
+    matmul = matmul_runner(spec["matmul_size"], devices[0])
+    n, runs = spec["matmul_size"], spec["matmul_runs"]
+    before = common.matmul_peak(matmul, n, runs, "before steps")
+    reset_ok = common.reset_peak_rss()
+    rss_before = common.rss_bytes()
+    times, paired_peaks = common.time_steps_with_peak(step, matmul, n, spec["steps"])
+    peak = common.peak_rss_bytes()
+    mm = common.best_peak([before, common.matmul_peak(matmul, n, runs, "after steps")])
+  return {
+      "name": spec["name"], "framework": f"jax {jax.__version__}",
+      "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
+      "num_devices": len(devices), "cached_teacher": cached,
+      "teacher_dtype": config.teacher.get("dtype", "float32"),
+      "remat_policy": config.student.get("remat_policy", "none"),
+      "setup_s": setup_s, "compile_s": compile_s, "xla_flops": flops,
+      "step_time": common.summarize_times(times), "first_step_losses": first,
+      "paired_matmul_flops_per_s": paired_peaks,
+      "rss_before_steps_bytes": rss_before, "peak_rss_bytes": peak,
+      "peak_rss_reset": reset_ok,
+      "matmul": {**mm, "flops_per_s_all_devices": mm["flops_per_s"] * len(devices)},
+  }
+
+
+def cached_teacher_outputs(teacher, teacher_params, host_batch: dict[str, np.ndarray], mesh
+                           ) -> dict[str, np.ndarray]:
+  """The teacher's embeddings of the batch as the teacher cache stores them (bf16)."""
+  def embed(params, batch):
+    out = teacher.apply({"params": params}, batch["image"], batch["input_ids"],
+                        batch["attention_mask"])
+    return {"teacher_image_embeds": out.image_embeds.astype(jnp.bfloat16),
+            "teacher_text_embeds": out.text_embeds.astype(jnp.bfloat16)}
+  outputs = jax.jit(embed)(teacher_params, sharding.shard_host_batch(host_batch, mesh))
+  return {k: np.asarray(jax.device_get(v)) for k, v in outputs.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--spec", required=True)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+  with open(args.spec) as f:
+    spec = json.load(f)
+  result = run(spec)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
