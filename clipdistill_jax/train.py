@@ -118,16 +118,19 @@ def make_loss(config: ml_collections.ConfigDict, models: Models) -> losses.Disti
   if t is None:
     return losses.DistillLoss(s, None, weights={"contrastive": 1.0})
 
-  def layers(spec, tower):
+  weights = {k: float(lc.weights[k]) for k in losses.COMPONENTS if lc.weights.get(k)}
+
+  def layers(component, spec, tower):  # a switched-off loss maps no layers (any spec)
+    if component not in weights:
+      return ()
     return losses.resolve_layer_map(spec, getattr(s, tower).num_hidden_layers,
                                     getattr(t, tower).num_hidden_layers)
-  weights = {k: float(lc.weights[k]) for k in losses.COMPONENTS if lc.weights.get(k)}
   return losses.DistillLoss(
       s, t, weights=weights, temperature=lc.temperature,
-      vision_hidden_layers=layers(lc.hidden_layers, "vision_config"),
-      text_hidden_layers=layers(lc.hidden_layers, "text_config"),
-      vision_attention_layers=layers(lc.attention_layers, "vision_config"),
-      text_attention_layers=layers(lc.attention_layers, "text_config"))
+      vision_hidden_layers=layers("hidden", lc.hidden_layers, "vision_config"),
+      text_hidden_layers=layers("hidden", lc.hidden_layers, "text_config"),
+      vision_attention_layers=layers("attention", lc.attention_layers, "vision_config"),
+      text_attention_layers=layers("attention", lc.attention_layers, "text_config"))
 
 
 # ----------------------------------------------------------------------------------------
