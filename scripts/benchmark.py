@@ -41,11 +41,19 @@ _REMAT = flags.DEFINE_string("remat_policy", "full",
                              "Student remat policy of the 'remat' variant.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "n of the n x n x n matmul peak.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the JSON report here.")
+_FROM_JSON = flags.DEFINE_string("from_json", None, "Run nothing: re-derive and print the "
+                                 "report saved by an earlier --json_out.")
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}.")
+  if _FROM_JSON.value:
+    with open(_FROM_JSON.value) as f:
+      report = benchmark.rederive(json.load(f))
+    print(json.dumps(report, indent=2))
+    print(benchmark.format_table(report))
+    return
   config = _CONFIG.value
   report = benchmark.run_benchmark(
       config, batch_size=_BATCH.value, steps=_STEPS.value, warmup_steps=_WARMUP.value,

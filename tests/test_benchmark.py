@@ -45,7 +45,16 @@ def test_report_has_every_field_for_ours_and_the_peer(report):
     assert r["xla_flops"] > 0.9 * r["analytic_flops"]["step"]
   online, cached = (report["results"][k]["analytic_flops"] for k in ("online", "cached"))
   assert online["teacher_forward"] > 0 and cached["teacher_forward"] == 0
-  assert report["ratios"]["online_vs_peer"] > 0 and report["ratios"]["cached_vs_online"] > 0
+  for key in ("online_vs_peer", "cached_vs_online", "online_vs_peer_peak_normalized",
+              "cached_vs_online_peak_normalized"):
+    assert report["ratios"][key] > 0, key
+  for name in ("online", "cached", "peer"):  # one step, one peak timed right after it
+    r = report["results"][name]
+    assert len(r["paired_matmul_flops_per_s"]) == len(r["step_time"]["all_s"]) == 2
+    assert 0 < r["fraction_of_matmul_peak"] and 0 < r["fraction_of_best_matmul_peak"]
+  # A saved report re-derives to the same figures (scripts/benchmark.py --from_json).
+  again = benchmark.rederive(json.loads(json.dumps(report)))
+  assert again["ratios"] == pytest.approx(report["ratios"])
   table = benchmark.format_table(report)
   assert "| online |" in table and "| peer |" in table and "online_vs_peer" in table
 
