@@ -8,7 +8,8 @@ Field by field:
                      Teacher and student share the tokenizer and the image transforms: a
                      student is distilled on exactly the inputs the teacher sees.
   teacher.source     HF hub id or local directory (load_pretrained); None = no teacher
-  teacher.dtype      'float32' | 'bfloat16' (a frozen bf16 teacher halves its memory and time)
+  teacher.dtype      'float32' | 'bfloat16' (a frozen bf16 teacher halves its memory; its time
+                     too where matmuls have bf16 units (TPU, GPU); not on a plain x86 CPU)
   teacher.cache_dir  None = run the teacher live; a directory written by
                      `python -m clipdistill_jax.teacher_cache` = read its cached embeddings
                      (feature/logit_kl/contrastive losses only; no random augmentation)
@@ -16,6 +17,10 @@ Field by field:
                      (an HF config.json); without a teacher, shapes start from student.base
                      ('vit_b32' | 'tiny') and student.image_size / patch_size / context_length
   student.init       'random' (HF's init) | 'inherit' (weights cut from the teacher)
+  student.remat_policy 'none' | 'full' | a jax.checkpoint_policies name ('dots_saveable',
+                     ...): recompute each encoder layer's activations in the backward pass
+                     (less activation memory for a larger batch; 'full' costs one more
+                     student forward)
   loss.weights       feature / hidden / logit_kl / attention / contrastive (0 = off)
   loss.hidden_layers teacher layers whose hidden states are distilled ('4,8,12'), 'uniform',
                      'none', or student:teacher pairs ('3:4,8:12'); attention_layers likewise
