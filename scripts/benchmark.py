@@ -32,6 +32,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch size of the timed 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant (the median is reported).")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Runs of each variant (alternating order); the "
                                 "timed steps of all runs are pooled.")
+_INTERLEAVE = flags.DEFINE_bool("interleave", False, "Run our variants in one process, their "
+                                "steps in turn (drift-free ratios between them); the peer in "
+                                "its own.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", 1, "Untimed steps after the first (compiling) one.")
 _VARIANTS = flags.DEFINE_list("variants", list(benchmark.DEFAULT_VARIANTS),
                               f"Any of {', '.join(benchmark.VARIANTS)}.")
@@ -57,7 +60,8 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   report = benchmark.run_benchmark(
       config, batch_size=_BATCH.value, steps=_STEPS.value, warmup_steps=_WARMUP.value,
-      variants=_VARIANTS.value, repeats=_REPEATS.value, teacher=_TEACHER.value,
+      variants=_VARIANTS.value, repeats=_REPEATS.value, interleave=_INTERLEAVE.value,
+      teacher=_TEACHER.value,
       remat_policy=_REMAT.value,
       matmul_size=_MATMUL.value, log=lambda m: print(m, file=sys.stderr, flush=True))
   text = json.dumps(report, indent=2)

@@ -82,3 +82,19 @@ def test_analytic_flops_of_vit_b32():
   assert 14.0e9 < forward < 15.5e9
   step = common.train_step_flops(b32, b32, 2, online_teacher=True)
   assert step["step"] == pytest.approx(4 * common.clip_forward_flops(b32, 2))
+
+
+def test_interleaved_variants_share_one_process(tmp_path):
+  report = benchmark.run_benchmark(
+      tiny_distill_config(), batch_size=4, steps=2, warmup_steps=0,
+      variants=("online", "cached"), interleave=True, teacher="tiny", matmul_size=128,
+      matmul_runs=3, num_devices=1, workdir=str(tmp_path), child_env=FAST_CHILDREN,
+      log=print)
+  for name in ("online", "cached"):
+    r = report["results"][name]
+    assert "error" not in r, r.get("stderr_tail")
+    assert r["interleaved_with"] == ["online", "cached"]
+    assert r["step_time"]["runs"] == 2 and len(r["paired_matmul_flops_per_s"]) == 2
+  assert report["ratios"]["cached_vs_online"] > 0
+  online, cached = (report["results"][k]["first_step_losses"] for k in ("online", "cached"))
+  assert cached["loss/feature"] == pytest.approx(online["loss/feature"], rel=1e-2)

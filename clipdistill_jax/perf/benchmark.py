@@ -146,12 +146,14 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
                   teacher: str = "b32", remat_policy: str = "full",
                   matmul_size: int = 2048, matmul_runs: int = 7,
                   num_devices: int | None = None, peer_threads: int | None = None,
-                  repeats: int = 1,
+                  repeats: int = 1, interleave: bool = False,
                   workdir: str | None = None, timeout_s: float = 3600.0,
                   child_env: dict[str, str] | None = None, log=print) -> dict[str, Any]:
   """Runs the variants (each in a child process, sequentially) and returns the report.
 
   child_env: extra environment variables of the child processes (e.g. XLA_FLAGS).
+  interleave: run all of our variants in one process, their steps taken in turn (drift-free
+  ratios between them; host memory then is the shared process's), the peer in its own.
   """
   from clipdistill_jax import train
   from clipdistill_jax.models import hf
@@ -208,18 +210,32 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
                                weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
                                max_logit_scale=o.max_logit_scale))
         return _run_child("clipdistill_jax.perf.peer", spec, root, timeout_s, env)
-      spec = dict(common_spec, name=variant, cached_teacher=variant == "cached",
+      return _run_child("clipdistill_jax.perf.ours", ours_spec(variant), root, timeout_s, env)
+
+    def ours_spec(variant: str) -> dict[str, Any]:
+      return dict(common_spec, name=variant, cached_teacher=variant == "cached",
                   num_devices=num_devices,
                   config=_variant_config(config, variant, remat_policy).to_dict())
-      return _run_child("clipdistill_jax.perf.ours", spec, root, timeout_s, env)
 
+    def run_ours_together(names: list[str]) -> dict[str, dict[str, Any]]:
+      spec = dict(common_spec, name="ours", variants=[ours_spec(v) for v in names])
+      out = _run_child("clipdistill_jax.perf.ours", spec, root, timeout_s, env)
+      return {v: out for v in names} if "error" in out else out
+
+    # Units run in turn: each variant alone, or (interleave) all of ours in one process.
+    ours = [v for v in variants if v != "peer"]
+    units = ([ours] if ours else []) + (["peer"] if "peer" in variants else []) if interleave \
+        else variants
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for repeat in range(repeats):
-      for variant in (variants if repeat % 2 == 0 else variants[::-1]):
-        log(f"running {variant} ({repeat + 1}/{repeats}) ...")
-        runs[variant].append(run_variant(variant))
-        log(f"  {variant}: " + _one_line(_derive(_pool(runs[variant][-1:]),
-                                                  _flops_of(variant), batch_size)))
+      for unit in (units if repeat % 2 == 0 else units[::-1]):
+        names = unit if isinstance(unit, list) else [unit]
+        log(f"running {', '.join(names)} ({repeat + 1}/{repeats}) ...")
+        out = run_ours_together(names) if isinstance(unit, list) else {unit: run_variant(unit)}
+        for name in names:
+          runs[name].append(out[name])
+          log(f"  {name}: " + _one_line(_derive(_pool(runs[name][-1:]), _flops_of(name),
+                                               batch_size)))
     results = {v: _derive(_pool(r), _flops_of(v), batch_size) for v, r in runs.items()}
   finally:
     if tmp is not None:
@@ -228,7 +244,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
   report = {
       "settings": {
           "batch_size": batch_size, "steps": steps, "warmup_steps": warmup_steps,
-          "repeats": repeats,
+          "repeats": repeats, "interleave": interleave,
           "teacher": teacher, "student_arch": config.student.arch,
           "student_params": int(sum(np.prod(x.shape) for x in _leaves(student_config))),
           "teacher_params": int(sum(np.prod(x.shape) for x in _leaves(teacher_config))),

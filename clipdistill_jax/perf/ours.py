@@ -55,7 +55,17 @@ def _student_params(student_dir: str) -> Any:
   return hf.load_pretrained(student_dir)[1]
 
 
-def run(spec: dict[str, Any]) -> dict[str, Any]:
+@dataclasses.dataclass
+class _Built:
+  """One variant, compiled and stepped once (first-step losses) plus its warm-up steps."""
+  spec: dict[str, Any]
+  step: Any
+  mesh: Any
+  devices: list
+  info: dict[str, Any]
+
+
+def _build(spec: dict[str, Any]) -> _Built:
   started = time.perf_counter()
   config = ml_collections.ConfigDict(spec["config"])
   cached = bool(spec["cached_teacher"])
@@ -101,37 +111,79 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     compiled = step_fn.lower(state, batch, teacher_params).compile()
     compile_s = time.perf_counter() - compile_start
     setup_s = time.perf_counter() - started - compile_s
-    flops = xla_flops(compiled)
 
     def step():
       nonlocal state
-      state, metrics = compiled(state, batch, teacher_params)
+      with jax.set_mesh(mesh):
+        state, metrics = compiled(state, batch, teacher_params)
       return jax.block_until_ready(metrics)
 
     first = {k: float(v) for k, v in jax.device_get(step()).items() if k.startswith("loss/")}
     for _ in range(spec["warmup_steps"]):
       step()
-    matmul = matmul_runner(spec["matmul_size"], devices[0])
-    n, runs = spec["matmul_size"], spec["matmul_runs"]
-    before = common.matmul_peak(matmul, n, runs, "before steps")
-    reset_ok = common.reset_peak_rss()
-    rss_before = common.rss_bytes()
-    times, paired_peaks = common.time_steps_with_peak(step, matmul, n, spec["steps"])
-    peak = common.peak_rss_bytes()
-    mm = common.best_peak([before, common.matmul_peak(matmul, n, runs, "after steps")])
-  return {
+  persistent = sum(x.nbytes for x in jax.tree_util.tree_leaves((state, teacher_params, batch)))
+  info = {
       "name": spec["name"], "framework": f"jax {jax.__version__}",
       "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
       "num_devices": len(devices), "cached_teacher": cached,
       "teacher_dtype": config.teacher.get("dtype", "float32"),
       "remat_policy": config.student.get("remat_policy", "none"),
-      "setup_s": setup_s, "compile_s": compile_s, "xla_flops": flops,
-      "step_time": common.summarize_times(times), "first_step_losses": first,
+      "setup_s": setup_s, "compile_s": compile_s, "xla_flops": xla_flops(compiled),
+      "first_step_losses": first, "persistent_bytes": persistent,
+  }
+  return _Built(spec, step, mesh, devices, info)
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+  """One variant: build, then `steps` timed steps, each followed by its matmul peak."""
+  built = _build(spec)
+  matmul = matmul_runner(spec["matmul_size"], built.devices[0])
+  n, runs = spec["matmul_size"], spec["matmul_runs"]
+  before = common.matmul_peak(matmul, n, runs, "before steps")
+  reset_ok = common.reset_peak_rss()
+  rss_before = common.rss_bytes()
+  times, paired_peaks = common.time_steps_with_peak(built.step, matmul, n, spec["steps"])
+  peak = common.peak_rss_bytes()
+  mm = common.best_peak([before, common.matmul_peak(matmul, n, runs, "after steps")])
+  return {
+      **built.info,
+      "step_time": common.summarize_times(times),
       "paired_matmul_flops_per_s": paired_peaks,
       "rss_before_steps_bytes": rss_before, "peak_rss_bytes": peak,
       "peak_rss_reset": reset_ok,
-      "matmul": {**mm, "flops_per_s_all_devices": mm["flops_per_s"] * len(devices)},
+      "matmul": {**mm, "flops_per_s_all_devices": mm["flops_per_s"] * len(built.devices)},
   }
+
+
+def run_interleaved(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """Several variants (spec['variants']) in this one process, their timed steps taken in
+  turn (the order rotating every round), each followed by its matmul peak: whatever the
+  machine's speed does, it does to all of them alike, so their ratios are drift-free.
+  Host memory is shared here, so each variant reports the process peak during its own steps
+  and its persistent bytes (state, teacher, batch) instead of a process of its own."""
+  built = [_build(v) for v in spec["variants"]]
+  matmul = matmul_runner(spec["matmul_size"], built[0].devices[0])
+  n, runs = spec["matmul_size"], spec["matmul_runs"]
+  before = common.matmul_peak(matmul, n, runs, "before steps")
+  times = {b.info["name"]: [] for b in built}
+  peaks = {b.info["name"]: [] for b in built}
+  rss = {b.info["name"]: 0 for b in built}
+  for i in range(spec["steps"]):
+    for b in built[i % len(built):] + built[:i % len(built)]:
+      common.reset_peak_rss()
+      t, p = common.time_steps_with_peak(b.step, matmul, n, 1)
+      name = b.info["name"]
+      times[name] += t
+      peaks[name] += p
+      rss[name] = max(rss[name], common.peak_rss_bytes() or 0)
+  mm = common.best_peak([before, common.matmul_peak(matmul, n, runs, "after steps")])
+  return {b.info["name"]: {
+      **b.info, "interleaved_with": [x.info["name"] for x in built],
+      "step_time": common.summarize_times(times[b.info["name"]]),
+      "paired_matmul_flops_per_s": peaks[b.info["name"]],
+      "peak_rss_bytes": rss[b.info["name"]], "peak_rss_shared_process": True,
+      "matmul": {**mm, "flops_per_s_all_devices": mm["flops_per_s"] * len(b.devices)},
+  } for b in built}
 
 
 def cached_teacher_outputs(teacher, teacher_params, host_batch: dict[str, np.ndarray], mesh
@@ -153,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   with open(args.spec) as f:
     spec = json.load(f)
-  result = run(spec)
+  result = run_interleaved(spec) if "variants" in spec else run(spec)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
 
