@@ -5,7 +5,8 @@ Run by the benchmark in its own process (`python -m clipdistill_jax.perf.ours --
 benchmark wrote), the loss from train.make_loss, the state from train.init_state, the step
 from train.make_train_step, jitted with the trainer's shardings on the trainer's mesh.
 The student then starts from the weights the peer loads too, so the first-step losses of
-both sides can be compared.
+both sides can be compared. A spec with `variants` builds all of them in this one process
+and times their steps in turn (run_interleaved; the benchmark's --interleave).
 """
 
 from __future__ import annotations
