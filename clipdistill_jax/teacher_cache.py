@@ -100,6 +100,11 @@ def input_fingerprints(input_ids: np.ndarray) -> np.ndarray:
   return np.asarray([zlib.crc32(row.tobytes()) for row in ids], np.uint32)
 
 
+def teacher_logit_scale(teacher_params: Mapping) -> float:
+  """exp(logit_scale) of host teacher params: what the cached logits are rebuilt with."""
+  return float(np.exp(np.asarray(teacher_params["logit_scale"], np.float32)))
+
+
 def _shard_name(first_step: int, host: int) -> str:
   return f"teacher-{first_step:08d}-host{host:03d}.safetensors"
 
@@ -137,13 +142,8 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
 
   models = train.build_models(config)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  rules = [tuple(r) for r in config.mesh.rules]
-  abstract = jax.eval_shape(models.teacher.init, jax.random.key(0),
-                            *train.dummy_inputs(models.teacher_config))["params"]
-  teacher_shardings = sharding.param_shardings(abstract, mesh, rules)
-  teacher_params = sharding.put_tree(models.teacher_params, teacher_shardings)
-  logit_scale = float(np.exp(np.asarray(models.teacher_params["logit_scale"], np.float32)))
-  models.teacher_params = None
+  logit_scale = teacher_logit_scale(models.teacher_params)
+  teacher_params, teacher_shardings = train.place_teacher(models, mesh, config.mesh.rules)
   fields = EMBED_FIELDS + (POOLED_FIELDS if store_pooled else ())
 
   def teacher_fn(params, batch):

@@ -177,6 +177,17 @@ def _with_params(boxed_state, student_params):
   return state
 
 
+def place_teacher(models: Models, mesh, rules) -> tuple[Any, Any]:
+  """The frozen teacher's host params onto the mesh by its logical axes: (params, shardings).
+  Drops the host copy (models.teacher_params): the device copy is the one used."""
+  abstract = jax.eval_shape(models.teacher.init, jax.random.key(0),
+                            *dummy_inputs(models.teacher_config))["params"]
+  shardings = sharding.param_shardings(abstract, mesh, [tuple(r) for r in rules])
+  params = sharding.put_tree(models.teacher_params, shardings)
+  models.teacher_params = None
+  return params, shardings
+
+
 # ----------------------------------------------------------------------------------------
 # The update step
 # ----------------------------------------------------------------------------------------
@@ -285,12 +296,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     models.teacher_params = None
   teacher_params = None
   if models.teacher is not None and cache is None:
-    teacher_abstract = jax.eval_shape(models.teacher.init, rng,
-                                      *dummy_inputs(models.teacher_config))["params"]
-    teacher_shardings = sharding.param_shardings(teacher_abstract, mesh,
-                                                 [tuple(r) for r in config.mesh.rules])
-    teacher_params = sharding.put_tree(models.teacher_params, teacher_shardings)
-    models.teacher_params = None  # the device copy is the one we use
+    teacher_params, teacher_shardings = place_teacher(models, mesh, config.mesh.rules)
 
   # --- restore ---------------------------------------------------------------------------
   manager = checkpoints.make_manager(workdir, save_every=tc.checkpoint_every,

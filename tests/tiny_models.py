@@ -38,10 +38,5 @@ def tiny_distill_config(**overrides):
   c.student.custom = TINY_STUDENT
   c.loss.hidden_layers = "uniform"  # all five losses on, as in the article
   c.data.source = "synthetic"
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c

@@ -6,6 +6,8 @@ would inflate its memory or its start-up.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import statistics
 import time
@@ -15,6 +17,22 @@ from typing import Any
 import numpy as np
 
 BOS_ID, EOS_ID = 49406, 49407
+
+
+# --- the child processes --------------------------------------------------------------------
+
+def child_main(run: Callable[[dict[str, Any]], Any], doc: str, argv: list[str] | None) -> None:
+  """`python -m <module> --spec S --out O`: run(spec read from S), its result written to O
+  as JSON (how the benchmark talks to ours.py and peer.py)."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--spec", required=True)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+  with open(args.spec) as f:
+    spec = json.load(f)
+  result = run(spec)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
 
 
 # --- inputs ---------------------------------------------------------------------------------

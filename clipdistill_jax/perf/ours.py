@@ -11,9 +11,7 @@ and times their steps in turn (run_interleaved; the benchmark's --interleave).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 import time
 from typing import Any
@@ -23,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from clipdistill_jax import optim, sharding, train
+from clipdistill_jax import optim, sharding, teacher_cache, train
 from clipdistill_jax.models import hf
 from clipdistill_jax.perf import common
 
@@ -76,21 +74,16 @@ def _build(spec: dict[str, Any]) -> _Built:
   models = train.build_models(config)
   loss = train.make_loss(config, models)
   if cached:  # cached embeddings carry no logit scale: use the teacher's (as the cache does)
-    scale = float(np.exp(np.asarray(models.teacher_params["logit_scale"], np.float32)))
-    loss = dataclasses.replace(loss, teacher_logit_scale=scale)
+    loss = dataclasses.replace(
+        loss, teacher_logit_scale=teacher_cache.teacher_logit_scale(models.teacher_params))
   tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
 
   # --- mesh and sharded state ------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices=devices)
-  rules = [tuple(r) for r in config.mesh.rules]
   state, state_shardings = train.init_state(config, models, loss, tx, mesh, jax.random.key(0))
   state["params"]["student"] = sharding.put_tree(  # the peer's starting point too
       _student_params(spec["student_dir"]), state_shardings["params"]["student"])
-  abstract = jax.eval_shape(models.teacher.init, jax.random.key(0),
-                            *train.dummy_inputs(models.teacher_config))["params"]
-  teacher_shardings = sharding.param_shardings(abstract, mesh, rules)
-  teacher_params = sharding.put_tree(models.teacher_params, teacher_shardings)
-  models.teacher_params = None
+  teacher_params, teacher_shardings = train.place_teacher(models, mesh, config.mesh.rules)
 
   host_batch = common.make_batch(spec["batch_size"], **spec["batch_shape"], seed=spec["seed"])
   if cached:  # what the cache holds for this batch; then the teacher leaves the device
@@ -200,15 +193,8 @@ def cached_teacher_outputs(teacher, teacher_params, host_batch: dict[str, np.nda
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--spec", required=True)
-  parser.add_argument("--out", required=True)
-  args = parser.parse_args(argv)
-  with open(args.spec) as f:
-    spec = json.load(f)
-  result = run_interleaved(spec) if "variants" in spec else run(spec)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  common.child_main(lambda spec: run_interleaved(spec) if "variants" in spec else run(spec),
+                    __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ so their first-step losses must agree (a check that they compute the same step).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import platform
@@ -94,11 +92,12 @@ class PeerLoss(nn.Module):
       cos_i = (_l2(self.image_proj(s.image_embeds)) * _l2(t.image_embeds)).sum(-1)
       cos_t = (_l2(self.text_proj(s.text_embeds)) * _l2(t.text_embeds)).sum(-1)
       parts["feature"] = 0.5 * ((1 - cos_i).mean() + (1 - cos_t).mean())
+    # (tower, student output, teacher output, token mask): text padding is masked out.
+    both = (("vision", s.vision_model_output, t.vision_model_output, None),
+            ("text", s.text_model_output, t.text_model_output, mask))
     if "hidden" in self.w:
       towers = []
-      for tower, s_out, t_out, m in (("vision", s.vision_model_output, t.vision_model_output,
-                                      None),
-                                     ("text", s.text_model_output, t.text_model_output, mask)):
+      for tower, s_out, t_out, m in both:
         pairs = self.maps[f"{tower}_hidden_layers"]
         if pairs:
           per = [_masked_mean(((self.hidden_proj[f"{tower}_{i}_{j}"](s_out.hidden_states[i])
@@ -107,9 +106,7 @@ class PeerLoss(nn.Module):
       parts["hidden"] = torch.stack(towers).mean()
     if "attention" in self.w:
       towers = []
-      for tower, s_out, t_out, m in (("vision", s.vision_model_output, t.vision_model_output,
-                                      None),
-                                     ("text", s.text_model_output, t.text_model_output, mask)):
+      for tower, s_out, t_out, m in both:
         pairs = self.maps[f"{tower}_attention_layers"]
         if pairs:
           per = []
@@ -220,15 +217,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--spec", required=True)
-  parser.add_argument("--out", required=True)
-  args = parser.parse_args(argv)
-  with open(args.spec) as f:
-    spec = json.load(f)
-  result = run(spec)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  common.child_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
