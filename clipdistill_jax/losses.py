@@ -16,6 +16,7 @@ and all shape checks happen at trace time.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import flax
@@ -35,8 +36,12 @@ from clipdistill_jax.models.config import CLIPConfig
 
 Array = jax.Array
 
-COMPONENTS = ("feature", "hidden", "logit_kl", "attention", "contrastive")
-TEACHER_COMPONENTS = ("feature", "hidden", "logit_kl", "attention")
+COMPONENTS = ("feature", "fd", "icl", "hidden", "logit_kl", "attention", "contrastive")
+TEACHER_COMPONENTS = ("feature", "fd", "icl", "hidden", "logit_kl", "attention")
+# Components that compare the final embeddings (through the embedding projector, if any).
+EMBEDDING_COMPONENTS = ("feature", "fd", "icl")
+ICL_LOGIT_SCALE_INIT = 1 / 0.07  # CLIP-KD's cross_logit_scale init (CLIP's own init)
+MAX_ICL_LOGIT_SCALE = 100.0  # CLIP's clamp on its logit scale, applied to ICL's too
 _LOG_EPS = 1e-8  # floor for probabilities inside a log (attention KL); see attention_loss.
 
 # ----------------------------------------------------------------------------------------
@@ -55,6 +60,7 @@ class ProjectedFeatures:
   text_embeds: Array | None = None
   vision_hidden_states: tuple[Array, ...] = ()  # aligned with the vision layer map
   text_hidden_states: tuple[Array, ...] = ()    # aligned with the text layer map
+  icl_logit_scale: Array | None = None           # log of ICL's logit scale, a scalar
 
 
 class FeatureProjectors(nn.Module):
@@ -62,14 +68,17 @@ class FeatureProjectors(nn.Module):
 
   One per embedding (student projection_dim -> teacher projection_dim; only when
   `teacher_projection_dim` is set) and one per mapped layer pair (student hidden -> teacher
-  hidden). Kernels start as the rectangular identity eye(d_s, d_t): the exact identity when
-  the widths match, and for a width-inherited student (models/student.py keeps the teacher's
-  first d_s channels) it maps each kept channel back onto the channel it came from.
+  hidden). With `icl_logit_scale_init` set it also holds ICL's learnable logit scale (a log,
+  as CLIP's is), which belongs to the distillation, not to the student. Kernels start as the
+  rectangular identity eye(d_s, d_t): the exact identity when the widths match, and for a
+  width-inherited student (models/student.py keeps the teacher's first d_s channels) it maps
+  each kept channel back onto the channel it came from.
 
   The projectors are trained with the student but are not part of it: export drops them,
   since users deploy the student alone.
   """
   teacher_projection_dim: int | None = None
+  icl_logit_scale_init: float | None = None
   teacher_vision_hidden_size: int = 0
   teacher_text_hidden_size: int = 0
   vision_layer_map: LayerMap = ()
@@ -101,9 +110,15 @@ class FeatureProjectors(nn.Module):
       towers[tower] = tuple(
           self._project(states[i], width, ("student_embed", "embed"),
                         f"{tower}_hidden_{i}_to_{j}") for i, j in layer_map)
+    icl_logit_scale = None
+    if self.icl_logit_scale_init is not None:
+      icl_logit_scale = self.param(
+          "icl_logit_scale", nn.with_logical_partitioning(
+              nn.initializers.constant(math.log(self.icl_logit_scale_init)), ()), ())
     return ProjectedFeatures(image_embeds=image, text_embeds=text,
                              vision_hidden_states=towers["vision"],
-                             text_hidden_states=towers["text"])
+                             text_hidden_states=towers["text"],
+                             icl_logit_scale=icl_logit_scale)
 
 
 def _require(x, what: str):
@@ -133,6 +148,47 @@ def embedding_feature_loss(student_embeds: Array, teacher_embeds: Array) -> Arra
                      f"{teacher_embeds.shape}; project the student's with FeatureProjectors.")
   cos = jnp.sum(_l2_normalize(student_embeds) * _l2_normalize(teacher_embeds), axis=-1)
   return jnp.mean(1.0 - cos)
+
+
+def fd_loss(student_embeds: Array, teacher_embeds: Array) -> Array:
+  """FD (CLIP-KD's feature distillation): squared L2 distance of the unit embeddings.
+
+  Mean over the batch of ||s/|s| - t/|t|||^2 = 2 - 2 cos(s, t), summed over the embedding
+  dim. CLIP-KD (Yang et al., CVPR 2024; winycg/CLIP-KD, src/open_clip/loss.py) takes
+  F.mse_loss, the mean over the dims as well, and weights it 2000 at width 512: that is
+  weight 2000 / 512 = 3.9 here, whatever the width. Shapes [B, D] (student already in the
+  teacher's width); returns a scalar.
+  """
+  if student_embeds.shape != teacher_embeds.shape:
+    raise ValueError(f"embeddings differ in shape: student {student_embeds.shape} vs teacher "
+                     f"{teacher_embeds.shape}; project the student's with FeatureProjectors.")
+  diff = _l2_normalize(student_embeds) - _l2_normalize(teacher_embeds)
+  return jnp.mean(jnp.sum(diff * diff, axis=-1))
+
+
+def icl_loss(student_image_embeds: Array, student_text_embeds: Array,
+             teacher_image_embeds: Array, teacher_text_embeds: Array,
+             logit_scale: Array | float) -> tuple[Array, Array]:
+  """ICL (CLIP-KD's interactive contrastive learning): the student's embeddings as queries
+  against the teacher's as keys, InfoNCE over the (global) batch.
+
+  Returns (image_to_teacher_text, text_to_teacher_image): CE of logit_scale * cos(s_image_i,
+  t_text_j) with label j = i, and of logit_scale * cos(s_text_i, t_image_j) likewise.
+  CLIP-KD averages the two; its logit scale is learnable (init 1/0.07), separate from the
+  student's. The student learns to place its embeddings where the teacher's other tower
+  finds them, i.e. into the teacher's image-text space itself. All inputs [B, D].
+  """
+  for name, s, t in (("image", student_image_embeds, teacher_image_embeds),
+                     ("text", student_text_embeds, teacher_text_embeds)):
+    if s.shape != t.shape:
+      raise ValueError(f"ICL: student {name} embeddings {s.shape} vs teacher {t.shape}; project "
+                       "the student's into the teacher's width first.")
+  s_image, s_text = _l2_normalize(student_image_embeds), _l2_normalize(student_text_embeds)
+  t_image, t_text = _l2_normalize(teacher_image_embeds), _l2_normalize(teacher_text_embeds)
+  image_to_text = logit_scale * jnp.matmul(s_image, t_text.T)
+  text_to_image = logit_scale * jnp.matmul(s_text, t_image.T)
+  diagonal_ce = lambda logits: -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
+  return diagonal_ce(image_to_text), diagonal_ce(text_to_image)
 
 
 def _token_mask(attention_mask: Array | None, shape: tuple[int, int]) -> Array:
@@ -234,9 +290,19 @@ def contrastive_loss(logits_per_image: Array) -> Array:
   return 0.5 * (image_to_text + text_to_image)
 
 
-def teacher_logits_per_image(teacher_out: CLIPOutput, default_logit_scale: float) -> Array:
-  """The teacher's logits, recomputed from its normalized embeds when they were not stored
-  (cached-teacher mode), with its stored logit_scale or else `default_logit_scale`."""
+def teacher_logits_per_image(teacher_out: CLIPOutput, default_logit_scale: float,
+                             override_logit_scale: float | None = None) -> Array:
+  """The teacher's logits [B, B]: its own when stored; else recomputed from its normalized
+  embeds with its stored logit_scale or `default_logit_scale` (cached-teacher mode).
+
+  `override_logit_scale` recomputes them at that scale instead of the teacher's own: the
+  teacher's sharpness as a tuned hyperparameter, as MobileCLIP does (scale 100; 70 and 60 in
+  MobileCLIP2; apple/ml-mobileclip).
+  """
+  if override_logit_scale is not None:
+    image = _require(teacher_out.image_embeds, "teacher image_embeds")
+    text = _require(teacher_out.text_embeds, "teacher text_embeds")
+    return override_logit_scale * jnp.matmul(_l2_normalize(image), _l2_normalize(text).T)
   if teacher_out.logits_per_image is not None:
     return teacher_out.logits_per_image
   image = _require(teacher_out.image_embeds, "teacher image_embeds")
@@ -259,6 +325,17 @@ class DistillLoss:
   maps are (student, teacher) pairs (see `resolve_layer_map`); an empty map leaves that tower
   out of the hidden/attention loss. `teacher_logit_scale` is used only when the teacher output
   carries neither logits nor a logit_scale (cached embeddings); OpenAI's CLIP uses 100.
+  `kd_teacher_logit_scale` (None: the teacher's own) recomputes the teacher's logits for
+  'logit_kl' at that scale (MobileCLIP's tuned teacher temperature).
+
+  Embedding space. 'feature', 'fd' and 'icl' compare final embeddings. `embed_projector`
+  'auto' compares them directly when the student's projection_dim equals the teacher's, so
+  the student's OWN image-text space (the one zero-shot uses) is pulled onto the teacher's;
+  where the widths differ, and always with 'linear', a learnable linear map (dropped at
+  export) carries the student's embeddings into the teacher's width first. Through a
+  projector the student only has to be a linear map away from the teacher, and image and
+  text have separate maps, so these losses can fall while the student's own zero-shot
+  barely moves; give the student the teacher's projection_dim to distil for zero-shot.
   Hash/eq are by identity, so an instance can be a static jit argument.
   """
   student_config: CLIPConfig
@@ -271,6 +348,9 @@ class DistillLoss:
   vision_attention_layers: LayerMap = ()
   text_attention_layers: LayerMap = ()
   teacher_logit_scale: float = 100.0
+  kd_teacher_logit_scale: float | None = None
+  embed_projector: str = "auto"
+  icl_logit_scale_init: float = ICL_LOGIT_SCALE_INIT
 
   def __post_init__(self):
     unknown = set(self.weights) - set(COMPONENTS)
@@ -280,6 +360,12 @@ class DistillLoss:
       raise ValueError(f"loss weights must be >= 0, got {dict(self.weights)}.")
     if self.temperature <= 0:
       raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+    if self.embed_projector not in ("auto", "linear"):
+      raise ValueError(f"embed_projector={self.embed_projector!r}: use 'auto' or 'linear'.")
+    for name in ("kd_teacher_logit_scale", "icl_logit_scale_init"):
+      value = getattr(self, name)
+      if value is not None and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}.")
     if self.teacher_config is None:
       return
     s, t = self.student_config, self.teacher_config
@@ -312,14 +398,25 @@ class DistillLoss:
     return "attention" in self.active_components
 
   @property
+  def uses_embed_projector(self) -> bool:
+    """Whether the embedding losses see the student's embeddings through a linear map."""
+    if self.teacher_config is None or not any(
+        c in self.active_components for c in EMBEDDING_COMPONENTS):
+      return False
+    return (self.embed_projector == "linear"
+            or self.student_config.projection_dim != self.teacher_config.projection_dim)
+
+  @property
   def projectors(self) -> FeatureProjectors | None:
+    """The learnable distillation heads (projectors, ICL's logit scale); None if none."""
     active = self.active_components
-    if "feature" not in active and "hidden" not in active:
+    hidden, icl = "hidden" in active, "icl" in active
+    if not (self.uses_embed_projector or hidden or icl):
       return None
     t = self.teacher_config
-    hidden = "hidden" in active
     return FeatureProjectors(
-        teacher_projection_dim=t.projection_dim if "feature" in active else None,
+        teacher_projection_dim=t.projection_dim if self.uses_embed_projector else None,
+        icl_logit_scale_init=self.icl_logit_scale_init if icl else None,
         teacher_vision_hidden_size=t.vision_config.hidden_size,
         teacher_text_hidden_size=t.text_config.hidden_size,
         vision_layer_map=self.vision_hidden_layers if hidden else (),
@@ -349,24 +446,37 @@ class DistillLoss:
                teacher_out: CLIPOutput | None, attention_mask: Array | None = None
                ) -> tuple[Array, dict[str, Array]]:
     """Returns (total, metrics); metrics has 'loss/<component>' for every component (0 when
-    off), per-tower parts of the active ones, and 'loss/total'."""
+    off), per-tower parts of the active ones, 'loss/total', and 'icl_logit_scale' with ICL."""
     active = self.active_components
     if teacher_out is None:
       active = tuple(c for c in active if c not in TEACHER_COMPONENTS)
     else:
       teacher_out = jax.lax.stop_gradient(teacher_out)
     parts: dict[str, Array] = {}
+    extra: dict[str, Array] = {}  # metrics that are not losses
 
     projected = None
-    if "feature" in active or "hidden" in active:
+    if any(c in active for c in (*EMBEDDING_COMPONENTS, "hidden")) and self.projectors:
       projected = self.projectors.apply({"params": projector_params}, student_out)
 
-    if "feature" in active:
-      parts["feature_image"] = embedding_feature_loss(
-          projected.image_embeds, _require(teacher_out.image_embeds, "teacher image_embeds"))
-      parts["feature_text"] = embedding_feature_loss(
-          projected.text_embeds, _require(teacher_out.text_embeds, "teacher text_embeds"))
-      parts["feature"] = 0.5 * (parts["feature_image"] + parts["feature_text"])
+    if any(c in active for c in EMBEDDING_COMPONENTS):
+      embeds = projected if self.uses_embed_projector else student_out
+      s_image = _require(embeds.image_embeds, "student image_embeds")
+      s_text = _require(embeds.text_embeds, "student text_embeds")
+      t_image = _require(teacher_out.image_embeds, "teacher image_embeds")
+      t_text = _require(teacher_out.text_embeds, "teacher text_embeds")
+      if "feature" in active:
+        parts["feature_image"] = embedding_feature_loss(s_image, t_image)
+        parts["feature_text"] = embedding_feature_loss(s_text, t_text)
+        parts["feature"] = 0.5 * (parts["feature_image"] + parts["feature_text"])
+      if "fd" in active:  # CLIP-KD sums the towers' FD
+        parts["fd_image"], parts["fd_text"] = fd_loss(s_image, t_image), fd_loss(s_text, t_text)
+        parts["fd"] = parts["fd_image"] + parts["fd_text"]
+      if "icl" in active:
+        scale = jnp.minimum(jnp.exp(projected.icl_logit_scale), MAX_ICL_LOGIT_SCALE)
+        parts["icl_image"], parts["icl_text"] = icl_loss(s_image, s_text, t_image, t_text, scale)
+        parts["icl"] = 0.5 * (parts["icl_image"] + parts["icl_text"])
+        extra["icl_logit_scale"] = scale
 
     for kind, loss_fn in (("hidden", hidden_state_loss), ("attention", attention_loss)):
       if kind in active:
@@ -379,7 +489,8 @@ class DistillLoss:
     if "logit_kl" in active:
       parts["logit_kl"] = logit_kl_loss(
           _require(student_out.logits_per_image, "student logits_per_image"),
-          teacher_logits_per_image(teacher_out, self.teacher_logit_scale), self.temperature)
+          teacher_logits_per_image(teacher_out, self.teacher_logit_scale,
+                                   self.kd_teacher_logit_scale), self.temperature)
 
     if "contrastive" in active:
       parts["contrastive"] = contrastive_loss(
@@ -389,6 +500,7 @@ class DistillLoss:
     metrics = {f"loss/{c}": parts.get(c, jnp.zeros((), jnp.float32)) for c in COMPONENTS}
     metrics.update({f"loss/{k}": v for k, v in parts.items() if k not in COMPONENTS})
     metrics["loss/total"] = total
+    metrics.update(extra)
     return total, metrics
 
   def _tower_loss(self, kind: str, tower: str, loss_fn, student_out: CLIPOutput,

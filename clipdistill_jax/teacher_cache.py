@@ -50,7 +50,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 EMBED_FIELDS = ("image_embeds", "text_embeds")
 POOLED_FIELDS = ("image_pooled", "text_pooled")
-CACHED_LOSSES = ("feature", "logit_kl", "contrastive")
+CACHED_LOSSES = ("feature", "fd", "icl", "logit_kl", "contrastive")
 DEFAULT_STEPS_PER_SHARD = 64
 
 
@@ -69,7 +69,7 @@ def check_cacheable(config: ml_collections.ConfigDict) -> None:
         f"cached teacher mode stores only the teacher's embeddings, but loss weights "
         f"{', '.join(f'{k}={weights[k]}' for k in hungry)} need its hidden states / attention "
         "maps every step. Set --config.loss.weights.hidden=0 --config.loss.weights."
-        "attention=0 (cached mode supports 'feature', 'logit_kl' and 'contrastive'), or "
+        f"attention=0 (cached mode supports {', '.join(CACHED_LOSSES)}), or "
         "unset teacher.cache_dir to run the teacher live.")
   data = config.data
   if float(data.get("crop_min_scale", 1.0)) < 1.0 or bool(data.get("flip", False)):
@@ -328,9 +328,14 @@ def main(argv: list[str]) -> None:
 
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments {argv[1:]}")
+  from clipdistill_jax import recipes
+
   f = flags.FLAGS
-  config = f.config
-  out = config.teacher.get("cache_dir") or os.path.join(f.workdir, "teacher_cache")
+  out = f.config.teacher.get("cache_dir") or os.path.join(f.workdir, "teacher_cache")
+  try:
+    config = recipes.apply_recipe(f.config)  # the losses a recipe names decide what is cached
+  except ValueError as e:  # an unknown recipe name
+    raise SystemExit(f"error: {e}") from None
   try:
     write_teacher_cache(config, out, num_steps=f.num_steps, num_examples=f.num_examples,
                         store_pooled=f.store_pooled, steps_per_shard=f.steps_per_shard)

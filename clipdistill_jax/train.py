@@ -127,6 +127,8 @@ def make_loss(config: ml_collections.ConfigDict, models: Models) -> losses.Disti
                                     getattr(t, tower).num_hidden_layers)
   return losses.DistillLoss(
       s, t, weights=weights, temperature=lc.temperature,
+      kd_teacher_logit_scale=lc.teacher_logit_scale, embed_projector=lc.embed_projector,
+      icl_logit_scale_init=lc.icl_logit_scale_init,
       vision_hidden_layers=layers("hidden", lc.hidden_layers, "vision_config"),
       text_hidden_layers=layers("hidden", lc.hidden_layers, "text_config"),
       vision_attention_layers=layers("attention", lc.attention_layers, "vision_config"),

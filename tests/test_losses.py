@@ -421,3 +421,113 @@ def random_params(config, seed):
     return jnp.asarray(0.05 * rng.normal(size=leaf.shape), leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+# ---------------------------------------------------------------------------- FD, ICL, affinity
+
+
+def np_unit(x):
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_fd_loss_matches_clip_kd_mse_times_width():
+  s, t = RNG.normal(size=(5, 12)), RNG.normal(size=(5, 12))
+  # CLIP-KD: F.mse_loss(normalize(s), normalize(t)), a mean over batch AND dims.
+  clip_kd = np.mean((np_unit(s) - np_unit(t)) ** 2)
+  np.testing.assert_allclose(losses.fd_loss(jnp.asarray(s), jnp.asarray(t)), 12 * clip_kd,
+                             rtol=1e-5)
+  # On unit vectors it is 2 - 2 cos, i.e. twice the cosine feature loss.
+  np.testing.assert_allclose(losses.fd_loss(jnp.asarray(s), jnp.asarray(t)),
+                             2 * embedding_feature_loss(jnp.asarray(s), jnp.asarray(t)),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="differ in shape"):
+    losses.fd_loss(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
+
+
+def test_icl_loss_matches_numpy_cross_entropy():
+  si, st, ti, tt = (RNG.normal(size=(4, 6)) for _ in range(4))
+  scale = 14.3
+
+  def ce_diag(q, k):
+    logits = scale * np_unit(q) @ np_unit(k).T
+    return -np.mean(np.diag(np_log_softmax(logits, axis=1)))
+
+  image, text = losses.icl_loss(*(jnp.asarray(x) for x in (si, st, ti, tt)), scale)
+  np.testing.assert_allclose(image, ce_diag(si, tt), rtol=1e-5)
+  np.testing.assert_allclose(text, ce_diag(st, ti), rtol=1e-5)
+
+
+def test_teacher_logit_scale_override_rescales_affinities():
+  t = TEACHER_OUT
+  np.testing.assert_allclose(losses.teacher_logits_per_image(t, 100.0, 50.0),
+                             0.5 * t.logits_per_image, rtol=1e-5, atol=1e-5)
+  loss = full_loss({"logit_kl": 1.0})
+  loss70 = DistillLoss(STUDENT, TEACHER, {"logit_kl": 1.0}, temperature=2.0,
+                       kd_teacher_logit_scale=70.0)
+  _, metrics = loss70({}, STUDENT_OUT, t)
+  np.testing.assert_allclose(metrics["loss/logit_kl"], logit_kl_loss(
+      STUDENT_OUT.logits_per_image, 0.7 * t.logits_per_image, 2.0), rtol=1e-5)
+  assert float(loss({}, STUDENT_OUT, t)[1]["loss/logit_kl"]) != pytest.approx(
+      float(metrics["loss/logit_kl"]))
+
+
+SAME_SPACE = student_config(TEACHER, projection_dim=TEACHER.projection_dim, text_hidden_size=24,
+                            text_intermediate_size=48, text_layers=1, text_heads=3,
+                            vision_hidden_size=32, vision_intermediate_size=64,
+                            vision_layers=2, vision_heads=2)
+
+
+def test_embedding_losses_in_the_students_own_space_when_widths_match():
+  student_out = fake_output(SAME_SPACE, seed=5, scale=14.3)
+  weights = {"feature": 1.0, "fd": 2.0, "icl": 0.5}
+  loss = DistillLoss(SAME_SPACE, TEACHER, weights)
+  assert not loss.uses_embed_projector
+  params = loss.init_projectors(jax.random.key(0))
+  assert set(params) == {"icl_logit_scale"}  # no projector: only ICL's own scale
+  np.testing.assert_allclose(np.exp(params["icl_logit_scale"]), 1 / 0.07, rtol=1e-5)
+  total, metrics = loss(params, student_out, TEACHER_OUT)
+  s, t = student_out, TEACHER_OUT
+  np.testing.assert_allclose(metrics["loss/feature"], 0.5 * (
+      embedding_feature_loss(s.image_embeds, t.image_embeds)
+      + embedding_feature_loss(s.text_embeds, t.text_embeds)), rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss/fd"], losses.fd_loss(s.image_embeds, t.image_embeds)
+                             + losses.fd_loss(s.text_embeds, t.text_embeds), rtol=1e-5)
+  image, text = losses.icl_loss(s.image_embeds, s.text_embeds, t.image_embeds, t.text_embeds,
+                                1 / 0.07)
+  np.testing.assert_allclose(metrics["loss/icl"], 0.5 * (image + text), rtol=1e-5)
+  np.testing.assert_allclose(metrics["icl_logit_scale"], 1 / 0.07, rtol=1e-5)
+  want = sum(w * float(metrics[f"loss/{c}"]) for c, w in weights.items())
+  assert float(total) == pytest.approx(want, rel=1e-5)
+  # 'linear' forces a projector even at equal widths (it starts as the identity).
+  linear = DistillLoss(SAME_SPACE, TEACHER, weights, embed_projector="linear")
+  assert linear.uses_embed_projector
+  projected = linear.init_projectors(jax.random.key(0))
+  assert {"image_embeds", "text_embeds", "icl_logit_scale"} <= set(projected)
+  np.testing.assert_allclose(linear(projected, student_out, TEACHER_OUT)[0], total, rtol=1e-5)
+
+
+def test_icl_and_fd_through_projector_when_widths_differ():
+  loss = DistillLoss(STUDENT, TEACHER, {"fd": 1.0, "icl": 1.0})
+  assert loss.uses_embed_projector
+  params = loss.init_projectors(jax.random.key(0))
+  _, metrics = loss(params, STUDENT_OUT, TEACHER_OUT)
+  kernel = lambda name: params[name]["kernel"]
+  s_image = STUDENT_OUT.image_embeds @ kernel("image_embeds")
+  s_text = STUDENT_OUT.text_embeds @ kernel("text_embeds")
+  np.testing.assert_allclose(metrics["loss/fd_image"],
+                             losses.fd_loss(s_image, TEACHER_OUT.image_embeds), rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss/icl_text"], losses.icl_loss(
+      s_image, s_text, TEACHER_OUT.image_embeds, TEACHER_OUT.text_embeds, 1 / 0.07)[1],
+      rtol=1e-5)
+  # Gradients reach ICL's logit scale and the projectors.
+  grads = jax.grad(lambda p: loss(p, STUDENT_OUT, TEACHER_OUT)[0])(params)
+  assert float(jnp.abs(grads["icl_logit_scale"])) > 0
+  assert float(jnp.abs(grads["image_embeds"]["kernel"]).sum()) > 0
+
+
+def test_new_options_are_validated():
+  with pytest.raises(ValueError, match="embed_projector"):
+    DistillLoss(STUDENT, TEACHER, {"fd": 1.0}, embed_projector="mlp")
+  with pytest.raises(ValueError, match="kd_teacher_logit_scale"):
+    DistillLoss(STUDENT, TEACHER, {"logit_kl": 1.0}, kd_teacher_logit_scale=0.0)
