@@ -109,9 +109,14 @@ def _resolve(image_path: str, base: str) -> str:
 
 
 def manifest_train_records(rows: dict[str, list], *, seed: int, process_index: int,
-                           process_count: int, start_position: int):
-  """Endless records of this host's rows, a new seeded permutation each epoch."""
+                           process_count: int, start_position: int,
+                           num_examples: int | None = None):
+  """Endless records of this host's rows, a new seeded permutation each epoch.
+
+  `num_examples`: train on the manifest's first that many rows only (all hosts together).
+  """
   tf = import_tf()
+  rows = {k: v[:num_examples] for k, v in rows.items()}
   host_rows = {k: v[process_index::process_count] for k, v in rows.items()}
   n = len(host_rows["image_path"])
   if n == 0:
@@ -212,18 +217,27 @@ def _host_files(files: Sequence[str], process_index: int, process_count: int):
 
 def tfrecord_train_records(files: Sequence[str], keys: tuple[str, str, str | None], *, seed: int,
                            shuffle_buffer: int, process_index: int, process_count: int,
-                           start_position: int, num_parallel_calls: int):
-  """Endless records: seeded file order per epoch, interleaved, seeded shuffle buffer."""
+                           start_position: int, num_parallel_calls: int,
+                           num_examples: int | None = None):
+  """Endless records: seeded file order per epoch, interleaved, seeded shuffle buffer.
+
+  `num_examples`: train on the first that many records (sorted files, file order) only.
+  """
   tf = import_tf()
   host_files, shard_records = _host_files(files, process_index, process_count)
-  # The same file order on every host: record-level sharding needs it.
-  file_order = tf.data.Dataset.from_tensor_slices(host_files).shuffle(
-      len(host_files), seed=seed, reshuffle_each_iteration=True).repeat()
-  records = file_order.interleave(
-      tf.data.TFRecordDataset, cycle_length=min(16, len(host_files)), block_length=1,
-      num_parallel_calls=num_parallel_calls, deterministic=True)
-  if shard_records:
-    records = records.shard(process_count, process_index)
+  if num_examples is not None:
+    # A fixed subset: the first records in sorted file order, dealt round-robin to hosts.
+    records = tf.data.TFRecordDataset(list(files)).take(num_examples).shard(
+        process_count, process_index).repeat()
+  else:
+    # The same file order on every host: record-level sharding needs it.
+    file_order = tf.data.Dataset.from_tensor_slices(host_files).shuffle(
+        len(host_files), seed=seed, reshuffle_each_iteration=True).repeat()
+    records = file_order.interleave(
+        tf.data.TFRecordDataset, cycle_length=min(16, len(host_files)), block_length=1,
+        num_parallel_calls=num_parallel_calls, deterministic=True)
+    if shard_records:
+      records = records.shard(process_count, process_index)
   if shuffle_buffer > 1:
     records = records.shuffle(shuffle_buffer, seed=_host_seed(seed, process_index))
   records = records.enumerate().skip(start_position)

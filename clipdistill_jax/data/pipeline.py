@@ -79,6 +79,10 @@ _DEFAULTS: dict[str, Any] = {
     "max_corrupt_fraction": 0.5,
     "corrupt_check_after": 200,
     "max_consecutive_corrupt": 1000,
+    # how much training data: None = all of it (synthetic: an endless stream); N = only the
+    # first N examples (synthetic: of the stream; manifest: rows; tfrecord: records in sorted
+    # file order; tfds: split[:N]), read epoch after epoch in a fresh seeded order
+    "num_train_examples": None,
     # synthetic
     "num_eval_examples": 1024,
     # tf.data performance
@@ -92,7 +96,7 @@ _DEFAULTS: dict[str, Any] = {
 # (`--config.data.path=...`): ml_collections refuses to override a plain None.
 _OPTIONAL_TYPES = {"name": str, "data_dir": str, "path": str, "eval_path": str,
                    "image_key": str, "caption_key": str, "label_key": str,
-                   "class_names": tuple, "num_threads": int}
+                   "class_names": tuple, "num_threads": int, "num_train_examples": int}
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -125,6 +129,9 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
     raise ValueError("data.templates is empty; give at least one, e.g. 'a photo of a {}.'.")
   if not 0.0 < cfg.crop_min_scale <= 1.0:
     raise ValueError(f"data.crop_min_scale={cfg.crop_min_scale} must be in (0, 1].")
+  if cfg.num_train_examples is not None and cfg.num_train_examples < 1:
+    raise ValueError(f"data.num_train_examples={cfg.num_train_examples} must be >= 1 (or None "
+                     "for all of the data).")
   if cfg.source in ("manifest", "tfrecord") and not cfg.path:
     raise ValueError(f"data.source={cfg.source!r} needs data.path.")
   return cfg
@@ -154,8 +161,10 @@ class SyntheticTrainIterator:
 
   def __init__(self, synthetic: SyntheticCaptions, *, global_batch_size: int,
                process_index: int, process_count: int, start_step: int, tokenizer,
-               context_length: int):
+               context_length: int, num_examples: int | None = None):
     self._synthetic = synthetic
+    self._num_examples = num_examples
+    self._epoch_order: tuple[int, np.ndarray] | None = None
     self._global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
     self._process_index = process_index
@@ -177,10 +186,27 @@ class SyntheticTrainIterator:
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
     first = step * self._global_batch_size + self._process_index * self.local_batch_size
-    images, captions, _ = self._synthetic.examples(range(first, first + self.local_batch_size))
+    indices = self.example_indices(range(first, first + self.local_batch_size))
+    images, captions, _ = self._synthetic.examples(indices)
     input_ids, attention_mask = self._tokenizer(captions, self._context_length)
     return {"image": preprocess.preprocess_images(images, self._synthetic.image_size),
             "input_ids": input_ids, "attention_mask": attention_mask}
+
+  def example_indices(self, positions: range) -> list[int]:
+    """Stream positions -> example indices. With num_examples = N, position p is example
+    order_e[p % N] of epoch e = p // N, order_e a permutation of range(N) seeded by
+    (data seed, e): every epoch reads the same N examples in a fresh order."""
+    n = self._num_examples
+    if n is None:
+      return list(positions)
+    out = []
+    for p in positions:
+      epoch, offset = divmod(p, n)
+      if self._epoch_order is None or self._epoch_order[0] != epoch:
+        rng = np.random.default_rng([self._synthetic.seed, epoch])
+        self._epoch_order = (epoch, rng.permutation(n))
+      out.append(int(self._epoch_order[1][offset]))
+    return out
 
   def close(self) -> None:
     """Nothing to release (same interface as the tf.data iterators)."""
@@ -229,7 +255,7 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
     return SyntheticTrainIterator(
         SyntheticCaptions(image_size, cfg.seed, "train"), global_batch_size=global_batch_size,
         process_index=process_index, process_count=process_count, start_step=start_step,
-        tokenizer=tokenizer, context_length=context_length)
+        tokenizer=tokenizer, context_length=context_length, num_examples=cfg.num_train_examples)
 
   from clipdistill_jax.data import tf_pipeline
 
@@ -241,7 +267,7 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
 
     rows = local.read_manifest(cfg.path, image_key=cfg.image_key, caption_key=cfg.caption_key)
     records = local.manifest_train_records(rows, seed=cfg.seed, start_position=start_position,
-                                           **hosts)
+                                           num_examples=cfg.num_train_examples, **hosts)
     where = cfg.path
   elif cfg.source == "tfrecord":
     from clipdistill_jax.data import local
@@ -251,7 +277,8 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
                                    label_key=None)
     records = local.tfrecord_train_records(
         files, keys, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-        start_position=start_position, num_parallel_calls=cfg.num_parallel_calls, **hosts)
+        start_position=start_position, num_parallel_calls=cfg.num_parallel_calls,
+        num_examples=cfg.num_train_examples, **hosts)
     where = cfg.path
   else:
     from clipdistill_jax.data import tfds_source
@@ -260,7 +287,7 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
     records = tfds_source.tfds_train_records(
         source, split=cfg.split, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
         start_position=start_position, num_parallel_calls=cfg.num_parallel_calls,
-        num_threads=cfg.num_threads, **hosts)
+        num_threads=cfg.num_threads, num_examples=cfg.num_train_examples, **hosts)
     class_names = source.class_names
     where = f"tfds {cfg.name} {cfg.split}"
 

@@ -150,9 +150,12 @@ def host_split(source: TfdsSource, split: str, process_index: int, process_count
 
 def tfds_train_records(source: TfdsSource, *, split: str, seed: int, shuffle_buffer: int,
                        process_index: int, process_count: int, start_position: int,
-                       num_parallel_calls: int, num_threads: int | None):
-  """Endless records of this host's share of `split`."""
+                       num_parallel_calls: int, num_threads: int | None,
+                       num_examples: int | None = None):
+  """Endless records of this host's share of `split` (of its first `num_examples` if set)."""
   tfds = import_tfds()
+  if num_examples is not None:
+    split = f"{split}[:{int(num_examples)}]"  # tfds' slicing API; hosts split the slice
   share, _ = host_split(source, split, process_index, process_count)
   read_config = tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True,
                                 options=dataset_options(num_threads))

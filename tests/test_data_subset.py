@@ -1,0 +1,88 @@
+"""data.num_train_examples: training on a fixed subset, epoch after epoch, for every source."""
+
+import numpy as np
+import pytest
+from test_data import png_bytes, row_ids, write_img2dataset_shards, write_jsonl
+
+from clipdistill_jax.data import pipeline, preprocess
+from clipdistill_jax.data.synthetic import SyntheticCaptions
+from clipdistill_jax.data.tokenizer import load_tokenizer
+
+SIZE, CONTEXT, ROWS = 32, 16, 10
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return load_tokenizer()
+
+
+def batches(config, tokenizer, n, *, batch, start=0, index=0, count=1):
+  it = pipeline.make_train_iterator(
+      config, global_batch_size=batch, image_size=SIZE, context_length=CONTEXT,
+      tokenizer=tokenizer, process_index=index, process_count=count, start_step=start)
+  return it, [next(it) for _ in range(n)]
+
+
+def test_synthetic_subset_is_a_fresh_permutation_each_epoch(tokenizer):
+  config = {"source": "synthetic", "num_train_examples": 8, "seed": 3}
+  it, _ = batches(config, tokenizer, 0, batch=4)
+  epochs = [it.example_indices(range(8 * e, 8 * (e + 1))) for e in range(3)]
+  for order in epochs:
+    assert sorted(order) == list(range(8))  # the same 8 examples every epoch
+  assert len({tuple(o) for o in epochs}) == 3  # in a fresh order each time
+  # Without the knob the stream is endless: position p is example p.
+  full, _ = batches({"source": "synthetic"}, tokenizer, 0, batch=4)
+  assert full.example_indices(range(20, 24)) == [20, 21, 22, 23]
+  # The batches hold exactly those examples, and a resume mid-epoch repeats them.
+  _, run = batches(config, tokenizer, 5, batch=4)
+  data = SyntheticCaptions(SIZE, seed=3)
+  want = data.examples(epochs[0][4:8])[0]
+  np.testing.assert_allclose(run[1]["image"], preprocess.preprocess_images(want, SIZE))
+  _, resumed = batches(config, tokenizer, 2, batch=4, start=3)
+  for a, b in zip(run[3:], resumed, strict=True):
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+  # Two hosts split each global batch of the subset.
+  _, host0 = batches(config, tokenizer, 1, batch=4, index=0, count=2)
+  _, host1 = batches(config, tokenizer, 1, batch=4, index=1, count=2)
+  np.testing.assert_array_equal(np.concatenate([host0[0]["image"], host1[0]["image"]]),
+                                run[0]["image"])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  root = tmp_path_factory.mktemp("subset")
+  source = SyntheticCaptions(SIZE, seed=11)
+  pixels, captions = [], []
+  for i in range(ROWS):
+    image, caption, _ = source.example(i)
+    (root / f"img{i}.png").write_bytes(png_bytes(image))
+    pixels.append(preprocess.preprocess_image(image, SIZE))
+    captions.append(caption)
+  write_jsonl(root / "m.jsonl", [{"image": f"img{i}.png", "caption": captions[i]}
+                                 for i in range(ROWS)])
+  encoded = [(root / f"img{i}.png").read_bytes() for i in range(ROWS)]
+  pattern = write_img2dataset_shards(root / "shards", encoded, captions, num_shards=2)
+  return root, np.stack(pixels), pattern
+
+
+def test_manifest_subset_is_its_first_rows(files, tokenizer):
+  root, pixels, _ = files
+  config = {"source": "manifest", "path": str(root / "m.jsonl"), "num_train_examples": 4}
+  _, run = batches(config, tokenizer, 3, batch=4)
+  for batch in run:  # each step is one whole epoch of the 4 rows, in a new order
+    assert sorted(row_ids(batch, pixels)) == [0, 1, 2, 3]
+  assert len({tuple(row_ids(b, pixels)) for b in run}) > 1
+
+
+def test_tfrecord_subset_is_its_first_records(files, tokenizer):
+  _, pixels, pattern = files
+  # Sorted files, records in file order: shard 00000 holds rows 0, 2, 4, 6, 8.
+  config = {"source": "tfrecord", "path": pattern, "num_train_examples": 3, "shuffle_buffer": 4}
+  _, run = batches(config, tokenizer, 4, batch=3)
+  seen = sum((row_ids(b, pixels) for b in run), [])
+  assert set(seen) == {0, 2, 4}
+
+
+def test_num_train_examples_is_validated(tokenizer):
+  with pytest.raises(ValueError, match="num_train_examples"):
+    batches({"source": "synthetic", "num_train_examples": 0}, tokenizer, 1, batch=2)
