@@ -1,8 +1,9 @@
 """Every config knob, named in one place. configs/*.py start here and change what they need.
 
 Field by field:
-  mode               'train' (one run) or 'experiment' (teacher / distilled / no-teacher table;
-                     experiment.* in clipdistill_jax/experiment.py)
+  mode               'train' (one run), 'experiment' (teacher / distilled / no-teacher table;
+                     experiment.* in clipdistill_jax/experiment.py) or 'ablation' (recipes x
+                     step budgets x seeds against the no-teacher student; ablation.*)
   seed               init and data order
   tokenizer          a directory with CLIP tokenizer files; None = the packaged CLIP BPE.
                      Teacher and student share the tokenizer and the image transforms: a
@@ -21,7 +22,17 @@ Field by field:
                      ...): recompute each encoder layer's activations in the backward pass
                      (less activation memory for a larger batch; 'full' costs one more
                      student forward)
-  loss.weights       feature / hidden / logit_kl / attention / contrastive (0 = off)
+  loss.recipe        None (loss.weights as written) or a named recipe from recipes.py
+                     ('article', 'clip_kd', 'affinity', ...): it sets the loss fields and
+                     student.init (recipes.apply_recipe, before anything else runs)
+  loss.weights       feature / fd / icl / hidden / logit_kl / attention / contrastive
+                     (0 = off; losses.py documents each and its source)
+  loss.teacher_logit_scale  None = the teacher's own; a number = the teacher's logits for
+                     logit_kl recomputed at that scale (MobileCLIP tunes it: 100, 70, 60)
+  loss.embed_projector 'auto' (embedding losses in the student's own space when its
+                     projection_dim equals the teacher's, else through a linear projector)
+                     | 'linear' (always through one)
+  loss.icl_logit_scale_init  ICL's learnable logit scale starts here (CLIP-KD: 1/0.07)
   loss.hidden_layers teacher layers whose hidden states are distilled ('4,8,12'), 'uniform',
                      'none', or student:teacher pairs ('3:4,8:12'); attention_layers likewise
   optim.*            AdamW, schedule, clipping, accumulation, logit-scale clamp
@@ -35,7 +46,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from clipdistill_jax import sharding
+from clipdistill_jax import losses, sharding
 from clipdistill_jax.data import pipeline
 
 TEACHER_HUB_ID = "openai/clip-vit-base-patch32"
@@ -69,8 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
   # beta; the YAML's 0.3 would make the weights sum past 1), contrastive 0.1, plus the KL of
   # its FeatureDistillationLoss at temperature 3.
   c.loss = ml_collections.ConfigDict(dict(
-      weights=dict(feature=0.35, hidden=0.35, logit_kl=0.5, attention=0.2, contrastive=0.1),
-      temperature=3.0, hidden_layers="4,8,12", attention_layers="uniform"))
+      recipe=ml_collections.config_dict.placeholder(str),
+      weights=dict(feature=0.35, fd=0.0, icl=0.0, hidden=0.35, logit_kl=0.5, attention=0.2,
+                   contrastive=0.1),
+      temperature=3.0, hidden_layers="4,8,12", attention_layers="uniform",
+      teacher_logit_scale=ml_collections.config_dict.placeholder(float),
+      embed_projector="auto", icl_logit_scale_init=losses.ICL_LOGIT_SCALE_INIT))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=2e-5, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
@@ -94,6 +109,12 @@ def base_config() -> ml_collections.ConfigDict:
   # data (the offline demo); 0 uses teacher.source as it is.
   c.experiment = ml_collections.ConfigDict(dict(teacher_steps=0, teacher_lr=1e-3,
                                                 teacher_arch=ml_collections.ConfigDict()))
+
+  # ablation mode (ablation.py): every recipe x steps x seed, plus the no-teacher student at
+  # every baseline_steps (empty: the same budgets as the recipes), one teacher for all.
+  c.ablation = ml_collections.ConfigDict(dict(
+      recipes=("article", "clip_kd", "affinity"), steps=(500,), seeds=(0, 1, 2),
+      baseline_steps=()))
 
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1), axes=sharding.MESH_AXES,

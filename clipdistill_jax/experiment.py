@@ -4,7 +4,8 @@
 
 Stages, each its own resumable run under the workdir (rerunning skips what is finished):
   teacher/      only when experiment.teacher_steps > 0: a teacher trained contrastively on
-                the same data (the offline demo has no hub), exported as an HF directory
+                all of the training data (the offline demo has no hub), exported as an HF
+                directory; the students see data.num_train_examples of it
   distilled/    the student distilled from the teacher (config.loss)
   no_teacher/   the same student, same steps, data, schedule and seed: contrastive loss only
   report/       results.md/json/csv, comparison.png, training_curves.png
@@ -28,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from clipdistill_jax import evaluate, report, train
+from clipdistill_jax import evaluate, recipes, report, train
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.tokenizer import load_tokenizer
 from clipdistill_jax.models import hf
@@ -129,15 +130,12 @@ def evaluate_models(config: ml_collections.ConfigDict,
 # The experiment
 # ----------------------------------------------------------------------------------------
 
-def _stage_config(config: ml_collections.ConfigDict, **changes: Any) -> ml_collections.ConfigDict:
+def stage_config(config: ml_collections.ConfigDict, **changes: Any) -> ml_collections.ConfigDict:
+  """A copy of `config` (unlocked) with dotted fields changed: {'train.total_steps': 10}."""
   stage = copy.deepcopy(config)
   stage.unlock()
   for dotted, value in changes.items():
-    node = stage
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    recipes.set_dotted(stage, dotted, value)
   return stage
 
 
@@ -147,10 +145,13 @@ def _train_teacher(config: ml_collections.ConfigDict, workdir: Path) -> str:
   if (hf_dir / hf.SAFETENSORS).exists():
     return str(hf_dir)
   ex = config.experiment
-  stage = _stage_config(
+  # The teacher reads ALL of the training data (data.num_train_examples=None): like the real
+  # teacher, it has seen more than the students, who get data.num_train_examples.
+  stage = stage_config(
       config, **{"teacher.source": None, "teacher.cache_dir": None, "student.arch": "custom",
                  "student.init": "random",
                  "student.custom": ex.teacher_arch.to_dict(),
+                 "data.num_train_examples": None,
                  "train.total_steps": ex.teacher_steps, "optim.lr": ex.teacher_lr})
   result = train.train(stage, str(workdir / "teacher"), eval_fn=make_eval_fn(stage))
   hf.save_pretrained(result["models"].student_config,
@@ -158,22 +159,29 @@ def _train_teacher(config: ml_collections.ConfigDict, workdir: Path) -> str:
   return str(hf_dir)
 
 
+def prepare_teacher(config: ml_collections.ConfigDict, workdir: Path) -> str:
+  """The teacher's source: config.teacher.source, or the teacher stage's HF directory when
+  experiment.teacher_steps > 0 (trained first, or found finished in workdir/teacher)."""
+  teacher_source = config.teacher.source
+  if config.experiment.teacher_steps > 0:
+    teacher_source = _train_teacher(config, workdir)
+  if not teacher_source:
+    raise ValueError(f"mode {config.mode!r} needs a teacher: set teacher.source, or "
+                     "experiment.teacher_steps > 0 to train one first.")
+  return teacher_source
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Runs every stage (resuming finished ones) and writes the report; returns the rows."""
   workdir_path = Path(workdir)
   start = time.time()
-  teacher_source = config.teacher.source
-  if config.experiment.get("teacher_steps", 0) > 0:
-    teacher_source = _train_teacher(config, workdir_path)
-  if not teacher_source:
-    raise ValueError("experiment mode needs a teacher: set teacher.source, or "
-                     "experiment.teacher_steps > 0 to train one first.")
+  teacher_source = prepare_teacher(config, workdir_path)
 
-  distilled_cfg = _stage_config(config, **{"teacher.source": teacher_source})
+  distilled_cfg = stage_config(config, **{"teacher.source": teacher_source})
   distilled = train.train(distilled_cfg, str(workdir_path / "distilled"),
                           eval_fn=make_eval_fn(distilled_cfg))
   # The baseline: same student, steps, data, schedule, seed; no teacher, contrastive only.
-  baseline_cfg = _stage_config(
+  baseline_cfg = stage_config(
       config, **{"teacher.source": None, "teacher.cache_dir": None, "student.arch": "file",
                  "student.init": "random",
                  "student.file": str(workdir_path / "distilled" / "student_config.json")})

@@ -1,8 +1,10 @@
 r"""Entry point: `python -m clipdistill_jax.main --config configs/demo.py --workdir DIR`.
 
 Any config field can be overridden on the command line, e.g. `--config.train.total_steps=100`.
-The config's `mode` picks what runs: 'train' (one distillation run) or 'experiment' (teacher
-vs distilled student vs no-teacher student, evaluated into a results table; configs/demo.py).
+The config's `mode` picks what runs: 'train' (one distillation run), 'experiment' (teacher
+vs distilled student vs no-teacher student, evaluated into a results table; configs/demo.py)
+or 'ablation' (every loss recipe x step budget x seed against the no-teacher student).
+`loss.recipe` names a recipe (clipdistill_jax/recipes.py) that sets the loss weights.
 Rerunning the same command resumes from the workdir's latest checkpoint.
 """
 
@@ -22,6 +24,7 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
+MODES = ("train", "experiment", "ablation")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -75,18 +78,24 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   config, workdir = _CONFIG.value, _WORKDIR.value
   logging.info("Config:\n%s", config)
-  from clipdistill_jax import experiment, teacher_cache, train
+  from clipdistill_jax import ablation, experiment, recipes, teacher_cache, train
   from clipdistill_jax.data.batches import TooManyCorruptImagesError
   from clipdistill_jax.data.compat import IncompatibleInputsError
 
-  mode = config.get("mode", "train")
-  if mode not in ("train", "experiment"):
-    raise app.UsageError(f"config.mode={mode!r}: use 'train' or 'experiment'.")
+  mode = config.mode
+  if mode not in MODES:
+    raise app.UsageError(f"config.mode={mode!r}: use one of {', '.join(MODES)}.")
+  try:
+    config = recipes.apply_recipe(config)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
   train.maybe_initialize_distributed(config)  # before anything (dump_config) touches jax
   train.dump_config(config, workdir)
   try:
     if mode == "experiment":
       experiment.run(config, workdir)
+    elif mode == "ablation":
+      ablation.run(config, workdir)
     else:
       train.train(config, workdir, eval_fn=experiment.make_eval_fn(config))
   except (FileNotFoundError, IncompatibleInputsError, TooManyCorruptImagesError,
