@@ -1,0 +1,38 @@
+r"""The real-data development benchmark: handwritten digits, a teacher that knows more.
+
+    python scripts/make_digits.py --out /tmp/digits
+    python -m clipdistill_jax.main --config configs/digits.py:/tmp/digits --workdir /tmp/dg
+    python -m clipdistill_jax.main --config configs/digits.py:/tmp/digits --workdir /tmp/dg \
+        --config.mode=ablation
+
+Real labelled images (scikit-learn's 1,797 digits, upsampled to 64 px; make_digits.py) in
+the demo's design: a teacher of the demo's shape is trained contrastively on all 1,297
+training images ("a handwritten digit seven", ...), then the students are distilled from it
+on the first data.num_train_examples of them, and the same student is trained without a
+teacher on exactly those. Zero-shot on the 500 held-out images, one folder per class,
+prompted with "a handwritten digit {}".
+
+The argument after the colon is the directory make_digits.py wrote.
+"""
+
+import importlib.util
+import os
+
+
+def _demo():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+  spec = importlib.util.spec_from_file_location("clipdistill_demo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config(data_dir: str = "/tmp/digits"):
+  c = _demo()
+  c.data.update(dict(source="manifest", path=os.path.join(data_dir, "train.jsonl"),
+                     caption_key="caption", image_key="image", num_train_examples=300))
+  c.experiment.teacher_steps = 800
+  c.eval.update(dict(zero_shot=(f"folder:{os.path.join(data_dir, 'test')}",),
+                     templates="a handwritten digit {}", max_examples=500, batch_size=250,
+                     retrieval=False))
+  return c
