@@ -22,6 +22,11 @@ Order and resume. The order is a pure function of data.seed, the host and the st
     buffer; start_step skips the start_step * b records this host consumed. They are read
     but not decoded: fast next to training, yet on a large dataset deep into a run it takes
     a noticeable while at startup.
+With data.num_train_examples = N only the first N examples are trained on, epoch after
+epoch (synthetic: a seeded permutation of stream examples 0..N-1 per epoch, computed
+directly, so resume is still exact; manifest: its first N rows; tfrecord: the first N
+records in sorted file order; tfds: split[:N]). The experiment's teacher stage ignores it:
+the teacher reads everything, the students the subset.
 Images that cannot be read or decoded are dropped and counted (`it.num_skipped`,
 `it.metrics()`); batches stay full. So a resumed tf.data stream equals the uninterrupted
 one exactly when no image was dropped before start_step; otherwise it starts as many records
