@@ -356,6 +356,61 @@ def test_all_corrupt_data_raises_instead_of_spinning(local_data, tokenizer):
     list(eval_data(config, tokenizer))
 
 
+# --- images: bit depths, size limit ---------------------------------------------------------
+
+
+def grey_levels(normalized):
+  return (normalized * np.asarray(preprocess.OPENAI_STD) + np.asarray(preprocess.OPENAI_MEAN)) * 255
+
+
+def test_16bit_images_decode_like_8bit_in_every_path(tmp_path, tokenizer):
+  from clipdistill_jax.export import onnx_runtime
+
+  pixels, _, _ = SyntheticCaptions(40, seed=9).example(3)
+  photo8 = np.asarray(Image.fromarray(pixels).convert("L"))
+  photo16 = np.minimum(photo8.astype(np.uint32) * 257 + 100, 65535).astype(np.uint16)
+  encoded = {8: png_bytes(photo8), 16: png_bytes(photo16)}
+  assert Image.open(io.BytesIO(encoded[16])).mode == "I;16"
+  for bits, data in encoded.items():
+    (tmp_path / f"{bits}.png").write_bytes(data)
+  write_jsonl(tmp_path / "m.jsonl", [{"image": f"{b}.png", "caption": "x"} for b in (8, 16)])
+  manifest = str(tmp_path / "m.jsonl")
+  pattern = write_img2dataset_shards(tmp_path / "shards", [encoded[8], encoded[16]],
+                                     ["x", "x"], 1)
+  paths = {
+      "manifest": {"source": "manifest", "path": manifest, "eval_path": manifest},
+      "tfrecord": {"source": "tfrecord", "path": pattern, "eval_path": pattern},
+  }
+  for name, config in paths.items():
+    images = np.concatenate([b["image"] for b in eval_data(config, tokenizer)])
+    means = grey_levels(images).mean(axis=(1, 2, 3))
+    assert len(means) == 2 and abs(means[0] - means[1]) < 1, (name, means)
+    assert means[0] > 20  # the photo, not black or white
+  cli = [grey_levels(onnx_runtime.load_image_file(tmp_path / f"{b}.png", SIZE)).mean()
+         for b in (8, 16)]
+  assert abs(cli[0] - cli[1]) < 1
+
+
+def test_max_image_pixels_applies_to_the_pipelines(tmp_path, tokenizer, caplog):
+  big = SyntheticCaptions(40, seed=1).example(0)[0]  # 1600 pixels
+  small = SyntheticCaptions(20, seed=1).example(0)[0]  # 400 pixels
+  (tmp_path / "big.png").write_bytes(png_bytes(big))
+  (tmp_path / "small.png").write_bytes(png_bytes(small))
+  write_jsonl(tmp_path / "m.jsonl", [{"image": "big.png", "caption": "big"},
+                                     {"image": "small.png", "caption": "small"}])
+  manifest = str(tmp_path / "m.jsonl")
+  config = {"source": "manifest", "path": manifest, "eval_path": manifest,
+            "max_image_pixels": 1000}
+  preprocess._TOO_LARGE_WARNINGS[0] = 10
+  with caplog.at_level("WARNING"):
+    data = eval_data(config, tokenizer)
+    assert sum(len(b["image"]) for b in data) == 1
+  assert data.num_skipped == 1 and "1,600 pixels is over the limit of 1,000" in caplog.text
+  for no_limit in (None, 0):
+    data = eval_data({**config, "max_image_pixels": no_limit}, tokenizer)
+    assert sum(len(b["image"]) for b in data) == 2 and data.num_skipped == 0
+
+
 # --- img2dataset TFRecords ---------------------------------------------------------------------
 
 

@@ -75,7 +75,9 @@ _DEFAULTS: dict[str, Any] = {
     # augmentation (training only; off by default: a flip contradicts "on the left" captions)
     "crop_min_scale": 1.0,  # < 1: random square crop of at least this area fraction
     "flip": False,
-    # unreadable images
+    # unreadable images; larger ones are skipped too (PIL's decompression-bomb limit; None or
+    # 0: no limit, 0 being what a command line can say)
+    "max_image_pixels": preprocess.DEFAULT_MAX_IMAGE_PIXELS,
     "max_corrupt_fraction": 0.5,
     "corrupt_check_after": 200,
     "max_consecutive_corrupt": 1000,
@@ -125,6 +127,7 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
     raise ValueError("data.templates is empty; give at least one, e.g. 'a photo of a {}.'.")
   if not 0.0 < cfg.crop_min_scale <= 1.0:
     raise ValueError(f"data.crop_min_scale={cfg.crop_min_scale} must be in (0, 1].")
+  preprocess.check_max_image_pixels(cfg.max_image_pixels, "data.max_image_pixels")
   if cfg.source in ("manifest", "tfrecord") and not cfg.path:
     raise ValueError(f"data.source={cfg.source!r} needs data.path.")
   return cfg
@@ -266,7 +269,8 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
 
   settings = tf_pipeline.DecodeSettings(
       image_size=image_size, seed=cfg.seed, train=True, num_templates=len(cfg.templates),
-      crop_min_scale=cfg.crop_min_scale, flip=cfg.flip, **hosts)
+      crop_min_scale=cfg.crop_min_scale, flip=cfg.flip, max_image_pixels=cfg.max_image_pixels,
+      **hosts)
   batches = tf_pipeline.train_batches(
       records, settings, batch_size=local_batch_size, limits=_limits(cfg),
       num_parallel_calls=cfg.num_parallel_calls, prefetch=cfg.prefetch,
@@ -333,7 +337,7 @@ def make_eval_dataset(data_config, *, batch_size: int, image_size: int, context_
     where = f"tfds {cfg.name} {split}"
 
   settings = tf_pipeline.DecodeSettings(image_size=image_size, seed=cfg.seed, train=False,
-                                        **hosts)
+                                        max_image_pixels=cfg.max_image_pixels, **hosts)
   chunks = tf_pipeline.eval_chunks(records, settings, chunk_size=batch_size,
                                    num_parallel_calls=cfg.num_parallel_calls,
                                    num_threads=cfg.num_threads)

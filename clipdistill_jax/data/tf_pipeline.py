@@ -104,6 +104,7 @@ class DecodeSettings:
   num_templates: int = 1
   crop_min_scale: float = 1.0
   flip: bool = False
+  max_image_pixels: int | None = preprocess.DEFAULT_MAX_IMAGE_PIXELS
 
 
 # --- per-record decoding ----------------------------------------------------------------------
@@ -120,7 +121,7 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
   def load(image_or_path, from_path: bool):
     encoded = tf.io.read_file(image_or_path) if from_path else image_or_path
     if encoded.dtype == tf.string:
-      return preprocess.tf_preprocess(encoded, size)
+      return preprocess.tf_preprocess(encoded, size, settings.max_image_pixels)
     image = tf.numpy_function(lambda pixels: preprocess.preprocess_image(pixels, size),
                               [encoded], tf.float32, stateful=False)
     image.set_shape([size, size, 3])
