@@ -67,6 +67,10 @@ _DEFAULTS: dict[str, Any] = {
     "image_key": None,
     "caption_key": None,
     "label_key": None,
+    # manifests (local.read_manifest): CSV/TSV quoting 'csv' | 'none' (None: 'none' for .tsv,
+    # as CC3M's are unquoted; 'csv' for .csv); bad rows: an error naming the line, or skipped
+    "manifest_quoting": None,
+    "skip_bad_rows": False,
     "class_names": None,  # overrides the dataset's (needed for WordNet-id names)
     "templates": ("a photo of a {}.",),  # label -> caption; zero-shot prompts
     # order
@@ -94,6 +98,7 @@ _DEFAULTS: dict[str, Any] = {
 # (`--config.data.path=...`): ml_collections refuses to override a plain None.
 _OPTIONAL_TYPES = {"name": str, "data_dir": str, "path": str, "eval_path": str,
                    "image_key": str, "caption_key": str, "label_key": str,
+                   "manifest_quoting": str,
                    "class_names": tuple, "num_threads": int}
 
 
@@ -127,6 +132,10 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
     raise ValueError("data.templates is empty; give at least one, e.g. 'a photo of a {}.'.")
   if not 0.0 < cfg.crop_min_scale <= 1.0:
     raise ValueError(f"data.crop_min_scale={cfg.crop_min_scale} must be in (0, 1].")
+  if cfg.manifest_quoting not in (None, "none", "csv"):
+    raise ValueError(f"data.manifest_quoting={cfg.manifest_quoting!r}; choose 'none' "
+                     "(unquoted, as CC3M's TSVs), 'csv' (pandas / Python csv quoting) or None "
+                     "('none' for .tsv, 'csv' for .csv).")
   preprocess.check_max_image_pixels(cfg.max_image_pixels, "data.max_image_pixels")
   if cfg.source in ("manifest", "tfrecord") and not cfg.path:
     raise ValueError(f"data.source={cfg.source!r} needs data.path.")
@@ -242,7 +251,8 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
   if cfg.source == "manifest":
     from clipdistill_jax.data import local
 
-    rows = local.read_manifest(cfg.path, image_key=cfg.image_key, caption_key=cfg.caption_key)
+    rows = local.read_manifest(cfg.path, image_key=cfg.image_key, caption_key=cfg.caption_key,
+                               quoting=cfg.manifest_quoting, skip_bad_rows=cfg.skip_bad_rows)
     records = local.manifest_train_records(rows, seed=cfg.seed, start_position=start_position,
                                            **hosts)
     where = cfg.path
@@ -318,7 +328,8 @@ def make_eval_dataset(data_config, *, batch_size: int, image_size: int, context_
       raise ValueError(f"Evaluating data.source={cfg.source!r} needs data.eval_path (or split=).")
     if cfg.source == "manifest":
       rows = local.read_manifest(path, image_key=cfg.image_key, caption_key=cfg.caption_key,
-                                 label_key=cfg.label_key)
+                                 label_key=cfg.label_key, quoting=cfg.manifest_quoting,
+                                 skip_bad_rows=cfg.skip_bad_rows)
       records, size = local.manifest_eval_records(rows, **hosts)
     else:
       files = local.list_tfrecords(path)
