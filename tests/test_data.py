@@ -526,6 +526,24 @@ def test_manifest_knobs_in_the_data_config(local_data, tokenizer):
   config.max_image_pixels = None
 
 
+def test_the_demo_config_reads_a_manifest(local_data, tokenizer):
+  import importlib.util
+
+  from clipdistill_jax import config_lib
+
+  root, _ = local_data
+  assert config_lib.base_config().data.caption_key is None  # COCO's key only where named
+  spec = importlib.util.spec_from_file_location(
+      "demo_config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.source = "manifest"
+  config.data.path = str(root / "good.jsonl")
+  batch = next(train_iter(config.data, tokenizer))
+  assert batch["image"].shape == (4, SIZE, SIZE, 3)
+
+
 # --- images: bit depths, size limit ---------------------------------------------------------
 
 
@@ -752,6 +770,19 @@ def test_tfds_missing_dataset_says_what_to_do(tmp_path, tokenizer):
   config = {"source": "tfds", "name": "clipdistill_no_such_data", "data_dir": str(tmp_path)}
   with pytest.raises(FileNotFoundError, match="data_dir"):
     train_iter(config, tokenizer)
+
+
+def test_tfds_finds_the_caption_feature_and_keeps_every_caption(tfds_dir, tokenizer):
+  config = {"source": "tfds", "name": "clipdistill_tiny_shapes", "data_dir": tfds_dir}
+  test_captions = [f"a {['red', 'green', 'blue'][i % 3]} image number {i}" for i in range(7)]
+  batches = list(eval_data(config, tokenizer))  # no caption_key: 'caption' found by name
+  texts = [tokenizer.decode(ids) for b in batches for ids in b["input_ids"]]
+  assert sorted(texts) == sorted(test_captions)
+  lists = list(eval_data({**config, "caption_key": "captions/text"}, tokenizer, batch=4))
+  ids = [tuple(x) for b in lists for x in b["text_input_ids"].tolist()]
+  every = test_captions + [f"{c}, again" for c in test_captions]
+  assert sorted(ids) == sorted(tuple(x) for x in tokenizer(every, CONTEXT)[0].tolist())
+  assert all((np.bincount(b["text_image"]) == 2).all() for b in lists)
 
 
 # --- teacher / student ---------------------------------------------------------------------------
