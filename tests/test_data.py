@@ -496,6 +496,19 @@ def test_caption_lists_train_on_one_caption_per_epoch(caption_lists, tokenizer):
   assert_batches_equal(batches[5:], take(train_iter(config, tokenizer, start=5), 7))
 
 
+def test_a_caption_list_is_not_trained_as_its_repr(local_data, tokenizer, tmp_path):
+  root, _ = local_data
+  (tmp_path / "a.png").write_bytes((root / "img0.png").read_bytes())
+  (tmp_path / "train.jsonl").write_text(
+      '{"image": "a.png", "caption": ["a red square", "a small red image"]}\n')
+  config = {"source": "manifest", "path": str(tmp_path / "train.jsonl")}
+  assert read(tmp_path / "train.jsonl")["caption"] == [["a red square", "a small red image"]]
+  # One row, 4 per batch: each batch is 4 epochs, each drawing one of the two captions.
+  texts = [tokenizer.decode(ids) for b in take(train_iter(config, tokenizer), 4)
+           for ids in b["input_ids"]]
+  assert set(texts) == {"a red square", "a small red image"}
+
+
 def test_caption_lists_evaluate_every_caption(caption_lists, tokenizer):
   path, captions, expected = caption_lists
   config = {"source": "manifest", "path": path, "eval_path": path}

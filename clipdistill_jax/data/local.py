@@ -216,7 +216,8 @@ def _delimited_rows(text: str, path: str, delimiter: str, quoting: str, bad: _Ba
       lines = _lines(first_line, reader.line_num)
       if header is None:
         raise ValueError(f"Manifest {path}:{lines}: cannot read the header row ({e}).") from None
-      bad(lines, f"a stray or unclosed quote ({e})")
+      bad(lines, f"a stray or unclosed quote ({e})" if quoting == "csv"
+          else f"cannot be read ({e})")
       continue
     if not fields or not "".join(fields).strip():
       continue  # blank line
