@@ -51,10 +51,12 @@ class _BadRows:
     self.path, self.skip, self.hint = path, skip, hint
     self.count = 0
 
-  def __call__(self, line: str | int, reason: str) -> None:
+  def __call__(self, line: str | int, reason: str, layout: bool = False) -> None:
+    """layout: the row's fields could not be told apart (where the quoting hint helps)."""
     where = f"{self.path}:{line}"
     if not self.skip:
-      raise ValueError(f"Manifest {where}: {reason}.{self.hint} Fix the row, or set "
+      hint = self.hint if layout else ""
+      raise ValueError(f"Manifest {where}: {reason}.{hint} Fix the row, or set "
                        "data.skip_bad_rows=True to skip such rows.")
     self.count += 1
     if self.count <= _LOGGED_BAD_ROWS:
@@ -217,7 +219,7 @@ def _delimited_rows(text: str, path: str, delimiter: str, quoting: str, bad: _Ba
       if header is None:
         raise ValueError(f"Manifest {path}:{lines}: cannot read the header row ({e}).") from None
       bad(lines, f"a stray or unclosed quote ({e})" if quoting == "csv"
-          else f"cannot be read ({e})")
+          else f"cannot be read ({e})", layout=True)
       continue
     if not fields or not "".join(fields).strip():
       continue  # blank line
@@ -229,9 +231,11 @@ def _delimited_rows(text: str, path: str, delimiter: str, quoting: str, bad: _Ba
         raise ValueError(f"Manifest {path}:{lines}: the header row repeats {duplicates}.")
       continue
     if reader.line_num > first_line:
-      bad(lines, "a quoted field spans lines (an unclosed quote swallows the rows after it)")
+      bad(lines, "a quoted field spans lines (an unclosed quote swallows the rows after it)",
+          layout=True)
     elif len(fields) != len(header):
-      bad(lines, f"{len(fields)} fields where the header has {len(header)} ({header})")
+      bad(lines, f"{len(fields)} fields where the header has {len(header)} ({header})",
+          layout=True)
     else:
       rows.append((first_line, dict(zip(header, fields, strict=True))))
   return header or [], rows
