@@ -4,6 +4,8 @@ exported student's ONNX files (onnxruntime + numpy + PIL; no JAX or torch at run
   clipdistill search   --model OUT --images DIR --query "a dog" --top-k 5
   clipdistill moderate --model OUT --labels violence,nudity,"hate speech" --threshold 0.7 IMG...
   clipdistill classify --model OUT --labels cat,dog,car IMG...
+  clipdistill classify --model OUT --labels 'cat,"1,000 dollars"' IMG...   (CSV-style quoting)
+  clipdistill classify --model OUT --labels-file labels.txt IMG...          (one label a line)
 
 OUT is a directory written by `scripts/convert_to_pytorch.py --onnx` (or its onnx/ folder).
 Add --int8 to use the int8 files (`--quantize int8 --onnx` at export). A file that cannot be
@@ -14,6 +16,7 @@ fails only when no image at all could be used.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from clipdistill_jax.data.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from clipdistill_jax.export.onnx_runtime import ModelNotFoundError, OnnxCLIP
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -40,21 +44,73 @@ class CLIError(Exception):
 
 # --- inputs -------------------------------------------------------------------------------------
 
-def parse_labels(text: str) -> list[str]:
-  labels = [label.strip() for label in text.split(",") if label.strip()]
+def split_list(text: str, option: str) -> list[str]:
+  """A comma-separated list, CSV-style: "quote" an item holding a comma, "" for a quote.
+
+  Items are stripped; empty ones dropped. CLIError for an unclosed or stray quote.
+  """
+  try:
+    rows = list(csv.reader([text], skipinitialspace=True, strict=True))
+  except csv.Error as e:
+    raise CLIError(f"{option} {text!r}: {e}; quote an item holding a comma as "
+                   f"{option} 'cat,\"1,000 dollars\"'.") from None
+  return [item.strip() for row in rows for item in row if item.strip()]
+
+
+def read_labels_file(path: str) -> list[str]:
+  """One label a line (UTF-8; blank lines ignored; commas are part of the label)."""
+  try:
+    with open(Path(path).expanduser(), encoding="utf-8") as f:
+      return [line.strip() for line in f if line.strip()]
+  except (OSError, UnicodeDecodeError) as e:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    raise CLIError(f"--labels-file {path}: cannot read it ({reason}).") from None
+
+
+def parse_labels(text: str | None, labels_file: str | None = None) -> list[str]:
+  """Labels from --labels (comma-separated, CSV quoting) or --labels-file (one a line)."""
+  if labels_file is not None:
+    labels, option = read_labels_file(labels_file), "--labels-file"
+  else:
+    labels, option = split_list(text or "", "--labels"), "--labels"
   if not labels:
-    raise CLIError("--labels is empty: give comma-separated labels, e.g. --labels cat,dog.")
+    raise CLIError(f"{option} is empty: give comma-separated labels, e.g. --labels cat,dog, or "
+                   "a file with one label a line (--labels-file).")
   duplicates = sorted({label for label in labels if labels.count(label) > 1})
   if duplicates:
-    raise CLIError(f"--labels repeats {', '.join(duplicates)}.")
+    raise CLIError(f"{option} repeats {', '.join(duplicates)}.")
   return labels
 
 
-def prompts_for(labels: Sequence[str], template: str) -> list[str]:
+def check_template(template: str) -> None:
+  """CLIError unless `template` has exactly the one {} that str.format fills with a label."""
   if "{}" not in template:
     raise CLIError(f"--template {template!r} has no {{}} where the label goes, e.g. "
                    f"'{DEFAULT_TEMPLATE}'.")
+  try:
+    template.format("label")
+  except (KeyError, IndexError, ValueError) as e:
+    raise CLIError(f"--template {template!r} cannot be filled ({type(e).__name__}: {e}): it "
+                   "takes one {} for the label and no other fields; write a literal brace as "
+                   "{{ or }}.") from None
+
+
+def prompts_for(labels: Sequence[str], template: str) -> list[str]:
+  check_template(template)
   return [template.format(label) for label in labels]
+
+
+def parse_max_pixels(text: str) -> int | None:
+  """--max-image-pixels: a number of pixels, or 'none' (or 0) for no limit."""
+  if text.strip().lower() == "none":
+    return None
+  try:
+    value = int(text.replace("_", "").replace(",", ""))
+  except ValueError:
+    value = -1
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number of pixels (or 'none')")
+  return value or None
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -90,11 +146,12 @@ def report_skipped(skipped: Sequence[tuple[str, str]]) -> None:
       print(f"  {path}: {reason}", file=sys.stderr)
 
 
-def encode_images_or_fail(model: OnnxCLIP, paths: Sequence[Path], batch_size: int
+def encode_images_or_fail(model: OnnxCLIP, paths: Sequence[Path], batch_size: int,
+                          max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
                           ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
   if not paths:
     raise CLIError("no images given.")
-  embeddings, encoded, skipped = model.encode_image_files(paths, batch_size)
+  embeddings, encoded, skipped = model.encode_image_files(paths, batch_size, max_image_pixels)
   report_skipped(skipped)
   if not encoded:
     raise CLIError(f"none of the {len(paths)} image(s) could be read; see the reasons above.")
@@ -150,7 +207,8 @@ def save_index(path: Path, fingerprint: str, entries: dict[str, tuple[tuple[int,
 
 
 def build_index(model: OnnxCLIP, folder: Path, index_path: Path, rebuild: bool,
-                batch_size: int) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+                batch_size: int, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+                ) -> tuple[list[str], np.ndarray, dict[str, Any]]:
   """(relative paths, embeddings, stats): embeds only files new or changed since last time."""
   if not folder.exists():
     raise CLIError(f"image folder {folder} does not exist.")
@@ -176,7 +234,7 @@ def build_index(model: OnnxCLIP, folder: Path, index_path: Path, rebuild: bool,
       todo.append(file)
   skipped: list[tuple[str, str]] = []
   if todo:
-    embeddings, encoded, skipped = model.encode_image_files(todo, batch_size)
+    embeddings, encoded, skipped = model.encode_image_files(todo, batch_size, max_image_pixels)
     for path, embedding in zip(encoded, embeddings, strict=True):
       name = Path(path).relative_to(folder).as_posix()
       entries[name] = (stamps[name], embedding)
@@ -200,7 +258,7 @@ def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
   folder = Path(args.images).expanduser()
   index_path = Path(args.index) if args.index else default_index_path(folder, model.variant)
   names, embeddings, stats = build_index(model, folder, index_path, args.rebuild_index,
-                                         args.batch_size)
+                                         args.batch_size, args.max_image_pixels)
   query = model.encode_texts([args.query])[0]
   scores = embeddings @ query
   order = np.argsort(-scores, kind="stable")[:args.top_k]
@@ -218,12 +276,12 @@ def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_moderate(args: argparse.Namespace) -> dict[str, Any]:
   if not 0 < args.threshold <= 1:
     raise CLIError(f"--threshold {args.threshold} is not a probability in (0, 1].")
-  labels = parse_labels(args.labels)
-  neutral = [n.strip() for n in args.neutral.split(",") if n.strip()] if args.neutral else []
+  labels = parse_labels(args.labels, args.labels_file)
+  neutral = split_list(args.neutral, "--neutral") if args.neutral else []
+  prompts = prompts_for(labels, args.template) + neutral
   model = load_model(args)
   embeddings, encoded, skipped = encode_images_or_fail(model, expand_image_args(args.images),
-                                                       args.batch_size)
-  prompts = prompts_for(labels, args.template) + neutral
+                                                       args.batch_size, args.max_image_pixels)
   probs = model.probabilities(embeddings, model.encode_texts(prompts))
   results = []
   for path, row in zip(encoded, probs, strict=True):
@@ -238,15 +296,17 @@ def cmd_moderate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_classify(args: argparse.Namespace) -> dict[str, Any]:
-  labels = parse_labels(args.labels)
+  if args.top_k < 1:
+    raise CLIError("--top-k must be at least 1.")
+  labels = parse_labels(args.labels, args.labels_file)
+  prompts = prompts_for(labels, args.template)
   model = load_model(args)
   embeddings, encoded, skipped = encode_images_or_fail(model, expand_image_args(args.images),
-                                                       args.batch_size)
-  probs = model.probabilities(embeddings, model.encode_texts(prompts_for(labels,
-                                                                         args.template)))
+                                                       args.batch_size, args.max_image_pixels)
+  probs = model.probabilities(embeddings, model.encode_texts(prompts))
   results = []
   for path, row in zip(encoded, probs, strict=True):
-    top = np.argsort(-row, kind="stable")[:max(args.top_k, 1)]
+    top = np.argsort(-row, kind="stable")[:args.top_k]
     results.append({"image": path, "label": labels[top[0]],
                     "top": [{"label": labels[i], "probability": float(row[i])} for i in top]})
     if not args.json:
@@ -270,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--int8", action="store_true", help="use the int8 ONNX files")
     sub.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
     sub.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads")
+    sub.add_argument("--max-image-pixels", type=parse_max_pixels,
+                     default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                     help="skip larger images (default %(default)s, PIL's decompression-bomb "
+                     "limit; 'none' or 0 for no limit)")
+
+  def labels(sub: argparse.ArgumentParser, example: str) -> None:
+    given = sub.add_mutually_exclusive_group(required=True)
+    given.add_argument("--labels", help=f"comma-separated, e.g. {example}; quote a label "
+                       'holding a comma: \'cat,"1,000 dollars"\'')
+    given.add_argument("--labels-file", metavar="FILE", help="a text file, one label a line")
 
   search = commands.add_parser("search", help="find the images in a folder that best match "
                                "a text query (the folder is embedded once and cached)")
@@ -287,20 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
   moderate = commands.add_parser("moderate", help="zero-shot flag images whose probability "
                                  "for a banned concept exceeds a threshold (JSON out)")
   common(moderate)
-  moderate.add_argument("--labels", required=True,
-                        help='comma-separated concepts, e.g. violence,nudity,"hate speech"')
+  labels(moderate, "violence,nudity,hate speech")
   moderate.add_argument("--threshold", type=float, default=0.7)
   moderate.add_argument("--template", default=DEFAULT_TEMPLATE,
                         help="prompt for each label; {} is the label")
   moderate.add_argument("--neutral", default=DEFAULT_NEUTRAL,
-                        help="comma-separated prompts competing with the labels but never "
-                        "flagged ('' for none: softmax over the labels alone)")
+                        help="comma-separated prompts (quoted like --labels) competing with "
+                        "the labels but never flagged ('' for none: softmax over the labels "
+                        "alone)")
   moderate.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
   moderate.set_defaults(run=cmd_moderate, json=True)
 
   classify = commands.add_parser("classify", help="zero-shot classification of images")
   common(classify)
-  classify.add_argument("--labels", required=True, help="comma-separated class names")
+  labels(classify, "cat,dog,car")
   classify.add_argument("--template", default=DEFAULT_TEMPLATE,
                         help="prompt for each label; {} is the label")
   classify.add_argument("--top-k", type=int, default=3)

@@ -97,8 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3, async_checkpoints=True))
 
   c.data = pipeline.default_data_config()
-  c.data.update(dict(source="tfds", name="coco_captions", split="train", eval_split="val",
-                     caption_key="captions/text"))
+  c.data.update(dict(source="tfds", name="coco_captions", split="train", eval_split="val"))
 
   c.eval = ml_collections.ConfigDict(dict(
       every=5000, zero_shot=("cifar10",),

@@ -109,23 +109,39 @@ def evaluate_zero_shot(model: CLIPModel, params: Any, tokenizer, dataset: Any, *
 
 def evaluate_retrieval(model: CLIPModel, params: Any, batches: Iterable[Mapping[str, Any]], *,
                        batch_size: int = 256, mesh: Mesh | None = None) -> dict[str, Any]:
-  """Image<->text retrieval over image-caption batches, one caption per image.
+  """Image<->text retrieval over image-caption batches, COCO style.
 
   batches: dicts with 'image' [n,S,S,3], 'input_ids' and 'attention_mask' [n,L] (and an
-  optional bool 'mask' of real rows), e.g. make_eval_dataset's. For several captions per
-  image (COCO's 5), encode them yourself and call retrieval_eval with text_to_image.
-  Returns retrieval_eval's keys plus image_embeds and text_embeds.
+  optional bool 'mask' of real rows), e.g. make_eval_dataset's. Where a batch also carries
+  every caption of its images ('text_input_ids' / 'text_attention_mask' [m,L], 'text_image'
+  int32 [m]: the row each describes; make_eval_dataset's for data with caption lists), all
+  of them are text queries and an image query hits if any of its captions does; otherwise
+  each image has the one caption of its row.
+  Returns retrieval_eval's keys plus image_embeds, text_embeds and text_to_image.
   """
   images: list[np.ndarray] = []
   tokens: list[tuple[np.ndarray, np.ndarray]] = []
+  owners: list[np.ndarray] = []
+  num_images = 0
   for batch in batches:
     keep = np.asarray(batch.get("mask", np.ones(len(batch["image"]), bool)), bool)
     images.append(np.asarray(batch["image"])[keep])
-    tokens.append((np.asarray(batch["input_ids"])[keep],
-                   np.asarray(batch["attention_mask"])[keep]))
+    if "text_image" in batch:
+      text_image = np.asarray(batch["text_image"], np.int64)
+      kept_text = keep[text_image]
+      index_of_row = num_images + np.cumsum(keep) - 1  # row -> index among kept images
+      tokens.append((np.asarray(batch["text_input_ids"])[kept_text],
+                     np.asarray(batch["text_attention_mask"])[kept_text]))
+      owners.append(index_of_row[text_image[kept_text]])
+    else:
+      tokens.append((np.asarray(batch["input_ids"])[keep],
+                     np.asarray(batch["attention_mask"])[keep]))
+      owners.append(num_images + np.arange(int(keep.sum())))
+    num_images += int(keep.sum())
   image_embeds = encode_images(model, params, images, batch_size=batch_size, mesh=mesh)
   text_embeds = encode_token_ids(model, params, tokens, batch_size=batch_size, mesh=mesh)
-  result: dict[str, Any] = dict(retrieval_eval(image_embeds, text_embeds,
-                                               np.arange(len(text_embeds))))
-  result.update(image_embeds=image_embeds, text_embeds=text_embeds)
+  text_to_image = np.concatenate(owners) if owners else np.zeros((0,), np.int64)
+  result: dict[str, Any] = dict(retrieval_eval(image_embeds, text_embeds, text_to_image))
+  result.update(image_embeds=image_embeds, text_embeds=text_embeds,
+                text_to_image=text_to_image)
   return result

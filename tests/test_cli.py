@@ -171,6 +171,37 @@ def test_search_embeds_once_then_reuses_the_index(student, images, tmp_path, cap
   assert json.loads(stdout)["indexed"] == good + 1
 
 
+def test_labels_allow_quoted_commas_and_a_file(student, images, tmp_path, capsys):
+  assert cli.parse_labels("cat,dog,1,000 dollars") == ["cat", "dog", "1", "000 dollars"]
+  assert cli.parse_labels('cat, dog,"1,000 dollars"') == ["cat", "dog", "1,000 dollars"]
+  assert cli.parse_labels('"say ""cheese""",x') == ['say "cheese"', "x"]
+  labels_file = tmp_path / "labels.txt"
+  labels_file.write_text("cat\n\n1,000 dollars\n  a dog, sitting \n", encoding="utf-8")
+  image = _good_images(images)[0]
+  for option, value in (("--labels", 'cat,"1,000 dollars","a dog, sitting"'),
+                        ("--labels-file", labels_file)):
+    code, stdout, stderr = _run(capsys, "classify", "--model", student[2], option, value,
+                                "--top-k", "3", "--json", image)
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["labels"] == ["cat", "1,000 dollars", "a dog, sitting"]
+    assert {t["label"] for t in result["results"][0]["top"]} == set(result["labels"])
+  code, stdout, stderr = _run(capsys, "moderate", "--model", student[2], "--labels", "a,b",
+                              "--neutral", '"a calm, ordinary photo",nothing', image)
+  assert code == 0 and json.loads(stdout)["neutral"] == ["a calm, ordinary photo", "nothing"]
+
+
+def test_max_image_pixels_skips_with_the_reason(student, images, capsys):
+  image = _good_images(images)[0]
+  code, stdout, stderr = _run(capsys, "classify", "--model", student[2], "--labels", "a,b",
+                              "--max-image-pixels", "100", "--json", image,
+                              _good_images(images)[1])
+  assert code == 1 and "image too large" in stderr and "over the limit of 100 pixels" in stderr
+  code, stdout, stderr = _run(capsys, "classify", "--model", student[2], "--labels", "a,b",
+                              "--max-image-pixels", "none", "--json", image)
+  assert code == 0, stderr
+
+
 @pytest.mark.parametrize("argv_tail,message", [
     (["classify", "--model", "{missing}", "--labels", "a,b", "{image}"], "does not exist"),
     (["classify", "--model", "{hf_only}", "--labels", "a,b", "{image}"], "--onnx"),
@@ -186,6 +217,16 @@ def test_search_embeds_once_then_reuses_the_index(student, images, tmp_path, cap
      "not a probability"),
     (["classify", "--model", "{int8_less}", "--int8", "--labels", "a,b", "{image}"],
      "no int8 ONNX files"),
+    # Checked before any work: a bad template is reported even when the model is missing.
+    (["classify", "--model", "{missing}", "--labels", "a,b", "--template",
+      "a {} photo in {style}", "{image}"], "cannot be filled (KeyError: 'style')"),
+    (["moderate", "--model", "{missing}", "--labels", "a", "--template", "a {} or {}",
+      "{image}"], "cannot be filled (IndexError"),
+    (["classify", "--model", "{missing}", "--labels", "a,b", "--top-k", "0", "{image}"],
+     "--top-k must be at least 1"),
+    (["classify", "--model", "{model}", "--labels", 'a,"b', "{image}"], "quote an item"),
+    (["classify", "--model", "{model}", "--labels-file", "{missing}", "{image}"],
+     "--labels-file"),
 ])
 def test_bad_inputs_give_one_clear_error(student, images, tmp_path, capsys, argv_tail,
                                          message):

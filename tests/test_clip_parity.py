@@ -215,6 +215,31 @@ def test_parameter_counts_pinned():
   assert count_params(hf.param_shapes(CLIPConfig())) == 151_277_313
 
 
+def test_legacy_config_dicts_take_precedence_as_in_transformers():
+  """config.json with both text_config and text_config_dict (and vision_*): transformers
+  rebuilds each tower from the *_dict, defaults filling what it omits."""
+  d = {"projection_dim": 24,
+       "text_config": {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 5,
+                       "vocab_size": 1000},
+       "text_config_dict": {"hidden_size": 32, "num_attention_heads": 2},
+       "vision_config": {"hidden_size": 96, "num_attention_heads": 4, "patch_size": 16},
+       "vision_config_dict": {"hidden_size": 48, "num_attention_heads": 4, "image_size": 64,
+                              "patch_size": 8}}
+  ours = CLIPConfig.from_dict(d)
+  theirs = transformers.CLIPConfig(**json.loads(json.dumps(d)))
+  for tower in ("text_config", "vision_config"):
+    for field, value in vars(getattr(ours, tower)).items():
+      assert getattr(getattr(theirs, tower), field) == value, (tower, field)
+  assert ours.text_config.hidden_size == 32 and ours.text_config.num_hidden_layers == 12
+  assert ours.text_config.vocab_size == 49408  # omitted from the *_dict: the default wins
+  assert ours.vision_config.patch_size == 8 and ours.projection_dim == 24
+  # Only the *_dict, or only *_config: each is read as it stands.
+  only_dict = {k: v for k, v in d.items() if not k.endswith("_config")}
+  assert CLIPConfig.from_dict(only_dict) == ours
+  plain = CLIPConfig.from_dict({k: v for k, v in d.items() if not k.endswith("_dict")})
+  assert plain.text_config.hidden_size == 64 and plain.vision_config.patch_size == 16
+
+
 def test_vit_b32_shape_parity_on_real_photos():
   """Random weights at the published shape; two real photos, real captions, real tokenizer."""
   skimage_data = pytest.importorskip("skimage.data")

@@ -1,6 +1,7 @@
 """Input pipelines: synthetic set, manifests, img2dataset TFRecords, tfds; sharding, resume,
 corrupt images, teacher/student input compatibility."""
 
+import csv
 import io
 import json
 import os
@@ -356,6 +357,261 @@ def test_all_corrupt_data_raises_instead_of_spinning(local_data, tokenizer):
     list(eval_data(config, tokenizer))
 
 
+# --- manifest rows: quoting, bad rows, caption lists, empty captions ---------------------------
+
+CC3M_CAPTIONS = [
+    "a red car parked on a street",
+    '"Untitled" oil painting by an unknown artist',
+    '"sunset over the lake, with a boat',
+    "a dog catching a frisbee",
+    'the 12" vinyl record on a table',
+]
+
+
+def read(path, **kw):
+  from clipdistill_jax.data import local
+
+  return local.read_manifest(str(path), image_key=kw.pop("image_key", None),
+                             caption_key=kw.pop("caption_key", None), **kw)
+
+
+def test_tsv_manifests_are_unquoted_and_rows_never_swallow_each_other(tmp_path):
+  tsv = tmp_path / "cc3m.tsv"  # CC3M style: header, no quoting
+  tsv.write_text("caption\timage\n" + "".join(
+      f"{caption}\timg{i}.jpg\n" for i, caption in enumerate(CC3M_CAPTIONS)))
+  rows = read(tsv)
+  assert rows["caption"] == [[c] for c in CC3M_CAPTIONS]  # 5 rows, verbatim
+  assert rows["image_path"] == [str(tmp_path / f"img{i}.jpg") for i in range(5)]
+
+  # Read as quoted CSV, the stray quotes are errors naming the line, never merged rows.
+  with pytest.raises(ValueError, match=r"cc3m.tsv:3: a stray or unclosed quote.*'none'") as e:
+    read(tsv, quoting="csv")
+  assert "\n" not in str(e.value)
+  rows = read(tsv, quoting="csv", skip_bad_rows=True)
+  assert rows["caption"] == [[CC3M_CAPTIONS[0]]]  # lines 3 and 4-6 skipped, not merged
+
+  # A pandas-written TSV doubles quotes: data.manifest_quoting='csv' reads it back.
+  quoted = tmp_path / "pandas.tsv"
+  with open(quoted, "w", newline="") as f:
+    writer = csv.writer(f, delimiter="\t")
+    writer.writerows([("caption", "image"), *((c, f"img{i}.jpg")
+                                             for i, c in enumerate(CC3M_CAPTIONS))])
+  assert read(quoted, quoting="csv")["caption"] == [[c] for c in CC3M_CAPTIONS]
+  assert read(quoted)["caption"][2] == ['"""sunset over the lake, with a boat"']
+  # .csv files are quoted by default (commas inside captions).
+  quoted_csv = tmp_path / "m.csv"
+  with open(quoted_csv, "w", newline="") as f:
+    csv.writer(f).writerows([("image", "caption"), *((f"img{i}.jpg", c)
+                                                   for i, c in enumerate(CC3M_CAPTIONS))])
+  assert read(quoted_csv)["caption"] == [[c] for c in CC3M_CAPTIONS]
+
+  # A row with the wrong number of fields, or one field spanning lines.
+  extra = tmp_path / "extra.tsv"
+  extra.write_text("caption\timage\na\timg0.jpg\nb\twith a tab\timg1.jpg\n\nc\timg2.jpg\n")
+  with pytest.raises(ValueError, match=r"extra.tsv:3: 3 fields where the header has 2"):
+    read(extra)
+  assert read(extra, skip_bad_rows=True)["caption"] == [["a"], ["c"]]
+  multiline = tmp_path / "multi.csv"
+  multiline.write_text('caption,image\n"unclosed,img0.jpg\nb,img1.jpg\nc,img2.jpg\n"x",img3.jpg\n')
+  with pytest.raises(ValueError, match=r"multi.csv:2-5: "):
+    read(multiline)
+  with pytest.raises(ValueError, match="manifest_quoting"):
+    read(tsv, quoting="pandas")
+
+
+def test_jsonl_bad_lines_are_named_or_skipped_and_counted(tmp_path, caplog):
+  lines = [json.dumps({"image": f"img{i}.png", "caption": f"photo {i}", "label": i})
+           for i in range(20)]
+  lines[17] = '{"image": "img17.png", "caption": "photo 17"'  # line 18: cut short
+  path = tmp_path / "m.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match=r"m.jsonl:18: not valid JSON .*skip_bad_rows") as e:
+    read(path)
+  assert "\n" not in str(e.value)
+  with caplog.at_level("WARNING"):
+    rows = read(path, skip_bad_rows=True)
+  assert len(rows["image_path"]) == 19 and ["photo 17"] not in rows["caption"]
+  assert "m.jsonl:18" in caplog.text and "skipped 1 bad row(s) of 20" in caplog.text
+
+  lines[17] = json.dumps(["img17.png", "photo 17"])  # a list, not an object
+  path.write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match=r"m.jsonl:18: a list in JSON, not an object"):
+    read(path)
+  for bad, message in [({"image": "a.png", "caption": 3}, "is a number"),
+                       ({"image": "a.png", "caption": ["x", None]}, "is a list"),
+                       ({"image": ["a.png"], "caption": "x"}, "image path 'image' is a list"),
+                       ({"image": "a.png", "caption": "x", "label": "cat"}, "label 'label'")]:
+    lines[17] = json.dumps(bad)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"m.jsonl:18: .*{message}"):
+      read(path, label_key="label" if "label" in bad else None)
+
+
+def test_jsonl_columns_are_the_union_and_empty_captions_are_dropped(tmp_path, caplog):
+  rows = [{"image": "img0.png"},  # no caption in the first row only
+          {"image": "img1.png", "caption": "a cat", "extra": 1},
+          {"image": "img2.png", "caption": "line one\u2028same line"},  # not a line break
+          {"image": "img3.png", "caption": "   "}, {"image": "img4.png", "caption": ""},
+          {"image": "img5.png", "caption": ["", " \t"]}, {"image": "img6.png", "caption": []},
+          {"image": None, "caption": "no image"},
+          {"image": "img8.png", "caption": ["", "a dog", "a small dog"]}]
+  path = tmp_path / "m.jsonl"
+  path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+  with caplog.at_level("WARNING"):
+    out = read(path)
+  assert out["caption"] == [["a cat"], ["line one\u2028same line"], ["a dog", "a small dog"]]
+  assert out["image_path"] == [str(tmp_path / f"img{i}.png") for i in (1, 2, 8)]
+  assert ("dropped 6 of 9 rows: 1 without an image path, 1 without a caption, 4 whose "
+          "captions are all empty or whitespace") in caplog.text
+  csv_path = tmp_path / "m.csv"
+  csv_path.write_text("image,caption\nimg0.png,\nimg1.png,a cat\nimg2.png,  \n")
+  assert read(csv_path)["caption"] == [["a cat"]]
+
+
+@pytest.fixture(scope="module")
+def caption_lists(local_data):
+  """good.jsonl's images, even rows with two captions, odd rows with one (a string)."""
+  root, expected = local_data
+  words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+           "juliet", "kilo", "lima"]  # the tokenizer's decode splits digit runs
+  captions = [[f"photo {words[i]} first", f"photo {words[i]} second"] if i % 2 == 0
+              else f"photo {words[i]} only" for i in range(NUM_GOOD)]
+  path = root / "caption_lists.jsonl"
+  write_jsonl(path, [{"image": f"img{i}.png", "caption": c} for i, c in enumerate(captions)])
+  return str(path), [c if isinstance(c, list) else [c] for c in captions], expected
+
+
+def test_caption_lists_train_on_one_caption_per_epoch(caption_lists, tokenizer):
+  path, captions, expected = caption_lists
+  config = {"source": "manifest", "path": path, "seed": 3}
+  batches = take(train_iter(config, tokenizer), 12)  # 4 epochs of 12 rows, 4 per step
+  drawn = {i: [] for i in range(NUM_GOOD)}
+  for batch in batches:
+    for i, ids in zip(row_ids(batch, expected["pixels"]), batch["input_ids"], strict=True):
+      drawn[i].append(tokenizer.decode(ids))
+  for i, texts in drawn.items():
+    assert len(texts) == 4 and set(texts) <= set(captions[i]), (i, texts)  # never a repr
+  assert any(len(set(drawn[i])) == 2 for i in range(0, NUM_GOOD, 2))
+  # The draw is a function of (seed, row, epoch): a resume sees the same captions.
+  assert_batches_equal(batches[5:], take(train_iter(config, tokenizer, start=5), 7))
+
+
+def test_a_caption_list_is_not_trained_as_its_repr(local_data, tokenizer, tmp_path):
+  root, _ = local_data
+  (tmp_path / "a.png").write_bytes((root / "img0.png").read_bytes())
+  (tmp_path / "train.jsonl").write_text(
+      '{"image": "a.png", "caption": ["a red square", "a small red image"]}\n')
+  config = {"source": "manifest", "path": str(tmp_path / "train.jsonl")}
+  assert read(tmp_path / "train.jsonl")["caption"] == [["a red square", "a small red image"]]
+  # One row, 4 per batch: each batch is 4 epochs, each drawing one of the two captions.
+  texts = [tokenizer.decode(ids) for b in take(train_iter(config, tokenizer), 4)
+           for ids in b["input_ids"]]
+  assert set(texts) == {"a red square", "a small red image"}
+
+
+def test_caption_lists_evaluate_every_caption(caption_lists, tokenizer):
+  path, captions, expected = caption_lists
+  config = {"source": "manifest", "path": path, "eval_path": path}
+  batches = list(eval_data(config, tokenizer, batch=5, pad_remainder=True))
+  first = [tokenizer.decode(ids) for b in batches for ids in b["input_ids"][b["mask"]]]
+  assert first == [c[0] for c in captions]
+  texts, owners, offset = [], [], 0
+  for batch in batches:
+    n = int(batch["mask"].sum())
+    assert len(batch["text_input_ids"]) == len(batch["text_image"])
+    assert batch["text_image"].max() < n  # padding rows have no captions
+    texts += [tokenizer.decode(ids) for ids in batch["text_input_ids"]]
+    owners += (offset + batch["text_image"]).tolist()
+    offset += n
+  assert texts == [c for row in captions for c in row]
+  assert owners == [i for i, row in enumerate(captions) for _ in row]
+
+
+def test_manifest_knobs_in_the_data_config(local_data, tokenizer):
+  with pytest.raises(ValueError, match="manifest_quoting"):
+    train_iter({"source": "manifest", "path": "x.tsv", "manifest_quoting": "excel"}, tokenizer)
+  with pytest.raises(ValueError, match="max_image_pixels"):
+    train_iter({"max_image_pixels": -1}, tokenizer)
+  config = pipeline.default_data_config()
+  assert config.manifest_quoting is None and config.skip_bad_rows is False
+  assert config.max_image_pixels == preprocess.DEFAULT_MAX_IMAGE_PIXELS == 89_478_485
+  config.manifest_quoting = "csv"  # placeholders take a value from the command line
+  config.max_image_pixels = None
+
+
+def test_the_demo_config_reads_a_manifest(local_data, tokenizer):
+  import importlib.util
+
+  from clipdistill_jax import config_lib
+
+  root, _ = local_data
+  assert config_lib.base_config().data.caption_key is None  # COCO's key only where named
+  spec = importlib.util.spec_from_file_location(
+      "demo_config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.source = "manifest"
+  config.data.path = str(root / "good.jsonl")
+  batch = next(train_iter(config.data, tokenizer))
+  assert batch["image"].shape == (4, SIZE, SIZE, 3)
+
+
+# --- images: bit depths, size limit ---------------------------------------------------------
+
+
+def grey_levels(normalized):
+  return (normalized * np.asarray(preprocess.OPENAI_STD) + np.asarray(preprocess.OPENAI_MEAN)) * 255
+
+
+def test_16bit_images_decode_like_8bit_in_every_path(tmp_path, tokenizer):
+  from clipdistill_jax.export import onnx_runtime
+
+  pixels, _, _ = SyntheticCaptions(40, seed=9).example(3)
+  photo8 = np.asarray(Image.fromarray(pixels).convert("L"))
+  photo16 = np.minimum(photo8.astype(np.uint32) * 257 + 100, 65535).astype(np.uint16)
+  encoded = {8: png_bytes(photo8), 16: png_bytes(photo16)}
+  assert Image.open(io.BytesIO(encoded[16])).mode == "I;16"
+  for bits, data in encoded.items():
+    (tmp_path / f"{bits}.png").write_bytes(data)
+  write_jsonl(tmp_path / "m.jsonl", [{"image": f"{b}.png", "caption": "x"} for b in (8, 16)])
+  manifest = str(tmp_path / "m.jsonl")
+  pattern = write_img2dataset_shards(tmp_path / "shards", [encoded[8], encoded[16]],
+                                     ["x", "x"], 1)
+  paths = {
+      "manifest": {"source": "manifest", "path": manifest, "eval_path": manifest},
+      "tfrecord": {"source": "tfrecord", "path": pattern, "eval_path": pattern},
+  }
+  for name, config in paths.items():
+    images = np.concatenate([b["image"] for b in eval_data(config, tokenizer)])
+    means = grey_levels(images).mean(axis=(1, 2, 3))
+    assert len(means) == 2 and abs(means[0] - means[1]) < 1, (name, means)
+    assert means[0] > 20  # the photo, not black or white
+  cli = [grey_levels(onnx_runtime.load_image_file(tmp_path / f"{b}.png", SIZE)).mean()
+         for b in (8, 16)]
+  assert abs(cli[0] - cli[1]) < 1
+
+
+def test_max_image_pixels_applies_to_the_pipelines(tmp_path, tokenizer, caplog):
+  big = SyntheticCaptions(40, seed=1).example(0)[0]  # 1600 pixels
+  small = SyntheticCaptions(20, seed=1).example(0)[0]  # 400 pixels
+  (tmp_path / "big.png").write_bytes(png_bytes(big))
+  (tmp_path / "small.png").write_bytes(png_bytes(small))
+  write_jsonl(tmp_path / "m.jsonl", [{"image": "big.png", "caption": "big"},
+                                     {"image": "small.png", "caption": "small"}])
+  manifest = str(tmp_path / "m.jsonl")
+  config = {"source": "manifest", "path": manifest, "eval_path": manifest,
+            "max_image_pixels": 1000}
+  preprocess._TOO_LARGE_WARNINGS[0] = 10
+  with caplog.at_level("WARNING"):
+    data = eval_data(config, tokenizer)
+    assert sum(len(b["image"]) for b in data) == 1
+  assert data.num_skipped == 1 and "1,600 pixels is over the limit of 1,000" in caplog.text
+  for no_limit in (None, 0):
+    data = eval_data({**config, "max_image_pixels": no_limit}, tokenizer)
+    assert sum(len(b["image"]) for b in data) == 2 and data.num_skipped == 0
+
+
 # --- img2dataset TFRecords ---------------------------------------------------------------------
 
 
@@ -394,6 +650,36 @@ def test_tfrecord_img2dataset_shards(local_data, tokenizer, tmp_path):
   assert iterator.num_skipped >= 2  # 2.5 epochs of 13 records, one of them corrupt
   data = eval_data(config, tokenizer)
   assert sum(len(b["image"]) for b in data) == NUM_GOOD and data.num_skipped == 1
+
+
+def test_tfrecord_caption_lists_and_empty_captions(local_data, tokenizer, tmp_path):
+  import tensorflow as tf
+
+  root, expected = local_data
+  captions = [["photo alpha first", "photo alpha second"], ["photo bravo"], ["   "], [],
+              ["", "photo delta"]]
+  (tmp_path / "shards").mkdir()
+  with tf.io.TFRecordWriter(str(tmp_path / "shards" / "0.tfrecord")) as writer:
+    for i, texts in enumerate(captions):
+      feature = {"jpg": tf.train.Feature(bytes_list=tf.train.BytesList(
+          value=[(root / f"img{i}.png").read_bytes()]))}
+      if texts:
+        feature["txt"] = tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[t.encode() for t in texts]))
+      writer.write(tf.train.Example(
+          features=tf.train.Features(feature=feature)).SerializeToString())
+  pattern = str(tmp_path / "shards" / "*.tfrecord")
+  config = {"source": "tfrecord", "path": pattern, "eval_path": pattern, "shuffle_buffer": 1}
+  data = eval_data(config, tokenizer)
+  batches = list(data)
+  assert data.num_read == 5 and data.num_skipped == 2  # "   " and no caption at all
+  assert [tokenizer.decode(ids) for ids in batches[0]["text_input_ids"]] == [
+      "photo alpha first", "photo alpha second", "photo bravo", "photo delta"]
+  assert batches[0]["text_image"].tolist() == [0, 0, 1, 2]
+  iterator = train_iter(config, tokenizer, batch=3)
+  texts = {tokenizer.decode(ids) for b in take(iterator, 6) for ids in b["input_ids"]}
+  assert texts <= {"photo alpha first", "photo alpha second", "photo bravo", "photo delta"}
+  assert iterator.num_skipped >= 2
 
 
 # --- tfds ------------------------------------------------------------------------------------
@@ -497,6 +783,19 @@ def test_tfds_missing_dataset_says_what_to_do(tmp_path, tokenizer):
   config = {"source": "tfds", "name": "clipdistill_no_such_data", "data_dir": str(tmp_path)}
   with pytest.raises(FileNotFoundError, match="data_dir"):
     train_iter(config, tokenizer)
+
+
+def test_tfds_finds_the_caption_feature_and_keeps_every_caption(tfds_dir, tokenizer):
+  config = {"source": "tfds", "name": "clipdistill_tiny_shapes", "data_dir": tfds_dir}
+  test_captions = [f"a {['red', 'green', 'blue'][i % 3]} image number {i}" for i in range(7)]
+  batches = list(eval_data(config, tokenizer))  # no caption_key: 'caption' found by name
+  texts = [tokenizer.decode(ids) for b in batches for ids in b["input_ids"]]
+  assert sorted(texts) == sorted(test_captions)
+  lists = list(eval_data({**config, "caption_key": "captions/text"}, tokenizer, batch=4))
+  ids = [tuple(x) for b in lists for x in b["text_input_ids"].tolist()]
+  every = test_captions + [f"{c}, again" for c in test_captions]
+  assert sorted(ids) == sorted(tuple(x) for x in tokenizer(every, CONTEXT)[0].tolist())
+  assert all((np.bincount(b["text_image"]) == 2).all() for b in lists)
 
 
 # --- teacher / student ---------------------------------------------------------------------------

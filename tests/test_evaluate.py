@@ -286,6 +286,35 @@ def test_evaluate_zero_shot_and_retrieval_on_synthetic(tiny, tokenizer):
   assert all(retrieval[k] == expected[k] for k in expected)
 
 
+def test_evaluate_retrieval_counts_every_caption_of_every_image(tiny, tokenizer):
+  """Batches carrying caption lists (text_image: the row each caption describes), a padded
+  last row without captions: every caption is a text query of its own image."""
+  model, params = tiny
+  size = model.config.vision_config.image_size
+  rng = np.random.default_rng(0)
+  texts = [["a red circle", "a round red thing"], ["a blue square"],
+           ["a green star", "a star", "green"], ["a cup"]]
+  batches = []
+  for rows, mask in ((texts[:2] + [[]], [True, True, False]), (texts[2:], [True, True])):
+    flat = [t for row in rows for t in row]
+    ids, attention = tokenizer(flat, CONTEXT)
+    first_ids, first_mask = tokenizer([row[0] if row else "" for row in rows], CONTEXT)
+    batches.append({
+        "image": rng.standard_normal((len(rows), size, size, 3)).astype(np.float32),
+        "input_ids": first_ids, "attention_mask": first_mask, "mask": np.asarray(mask),
+        "text_input_ids": ids, "text_attention_mask": attention,
+        "text_image": np.repeat(np.arange(len(rows), dtype=np.int32), [len(r) for r in rows])})
+  result = evaluate.evaluate_retrieval(model, params, batches, batch_size=4)
+  assert result["text_to_image"].tolist() == [0, 0, 1, 2, 2, 2, 3]
+  assert result["num_text_queries"] == 7 and result["num_image_queries"] == 4
+  ids, attention = tokenizer([t for row in texts for t in row], CONTEXT)
+  np.testing.assert_allclose(result["text_embeds"], _direct_embeds(model, params, ids, attention),
+                             atol=1e-5)
+  expected = evaluate.retrieval_eval(result["image_embeds"], result["text_embeds"],
+                                     [0, 0, 1, 2, 2, 2, 3])
+  assert all(result[k] == expected[k] for k in expected)
+
+
 # --- model stats ----------------------------------------------------------------------------
 
 

@@ -214,3 +214,111 @@ def test_saved_config_loads_into_transformers(tmp_path, photos):
   # With torchvision installed, CLIPProcessor picks the torchvision resize: not bit-comparable.
   if getattr(processor.image_processor, "backend", "pil") == "pil":
     assert np.abs(np.moveaxis(out["pixel_values"], 1, -1) - ours).max() <= TOLERANCE
+
+
+# ---------------------------------------------------------------- bit depths
+
+
+def _grey_levels(normalized: np.ndarray) -> np.ndarray:
+  """Preprocessed pixels back to 0..255 grey levels (per channel)."""
+  return (normalized * np.asarray(OPENAI_STD) + np.asarray(OPENAI_MEAN)) * 255
+
+
+def _high_bit_depth_versions(photo8: np.ndarray) -> dict[str, bytes]:
+  """One 8-bit grayscale photo stored at other bit depths, as scanners and tools write it."""
+  rng = np.random.default_rng(0)
+  # A real 16-bit capture of the same scene: each 8-bit level v spans [257 v, 257 v + 256].
+  noise = rng.integers(0, 129, photo8.shape)
+  photo16 = np.minimum(photo8.astype(np.uint32) * 257 + noise, 65535).astype(np.uint16)
+  big_endian = PIL.Image.frombytes("I;16B", photo16.shape[::-1], photo16.astype(">u2").tobytes())
+  as_float = PIL.Image.fromarray((photo16 / 65535).astype(np.float32), "F")
+  return {
+    "png_I;16": _encode(PIL.Image.fromarray(photo16), "PNG"),
+    "tiff_I;16": _encode(PIL.Image.fromarray(photo16), "TIFF"),
+    "tiff_I;16B": _encode(big_endian, "TIFF"),
+    "tiff_I_16bit_values": _encode(PIL.Image.fromarray(photo16.astype(np.int32)), "TIFF"),
+    "tiff_I_24bit_values": _encode(
+      PIL.Image.fromarray((photo16.astype(np.int32) * 256 + 255).astype(np.int32)), "TIFF"),
+    "tiff_F_0_to_1": _encode(as_float, "TIFF"),
+    "tiff_F_0_to_65535": _encode(PIL.Image.fromarray(photo16.astype(np.float32), "F"), "TIFF"),
+  }
+
+
+@pytest.fixture(scope="module")
+def camera_bit_depths():
+  photo8 = skdata.camera()[::4, ::4]  # 128 x 128, 8-bit grayscale
+  return photo8, _high_bit_depth_versions(photo8)
+
+
+def test_high_bit_depth_images_keep_their_content(camera_bit_depths):
+  photo8, versions = camera_bit_depths
+  reference = _grey_levels(decode_and_preprocess(_encode(PIL.Image.fromarray(photo8), "PNG"), 64))
+  assert 100 < reference.mean() < 150  # a real photo, not a blank
+  for name, encoded in versions.items():
+    image = decode_image(encoded)
+    assert image.mode in preprocess.HIGH_BIT_DEPTH_MODES, (name, image.mode)
+    got = _grey_levels(decode_and_preprocess(encoded, 64))
+    # Same photo: mean within 1 grey level, and pixel for pixel close (not just the mean).
+    assert abs(got.mean() - reference.mean()) < 1, (name, got.mean(), reference.mean())
+    assert np.abs(got - reference).max() < 3, name
+  # PIL's own conversion clips 16-bit data: what the scaling avoids.
+  clipped = np.asarray(decode_image(versions["png_I;16"]).convert("RGB"))
+  assert clipped.mean() > 250
+  # uint16 arrays are 16-bit images too.
+  photo16 = np.asarray(decode_image(versions["png_I;16"]))
+  np.testing.assert_array_equal(preprocess_image(photo16, 64),
+                                preprocess_image(decode_image(versions["png_I;16"]), 64))
+
+
+def test_rgb_conversion_of_every_mode():
+  rgb = np.random.default_rng(1).integers(0, 256, (8, 8, 3), np.uint8)
+  image = PIL.Image.fromarray(rgb)
+  for mode in ("1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA", "RGBX",
+               "RGBa", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"):
+    converted = image.convert("LA").convert(mode) if mode == "La" else image.convert(mode)
+    out = preprocess.to_rgb(converted)
+    assert out.mode == "RGB" and out.size == (8, 8), mode
+  # 8-bit modes convert as PIL (and transformers) do; "I" and "F" holding 8-bit values too.
+  gray = image.convert("L")
+  for mode in ("L", "I", "F", "I;16"):
+    expected = np.asarray(gray.convert("RGB"), np.int32)
+    got = np.asarray(preprocess.to_rgb(gray.convert(mode)), np.int32)
+    # I;16 holding 0..255 is a very dark 16-bit image: v / 257 rounds to 0 or 1.
+    bound = 1 if mode == "I;16" else 0
+    if mode == "I;16":
+      expected = np.round(expected / 257)
+    assert np.abs(got - expected).max() <= bound, mode
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+  """A PNG whose header claims width x height (its pixel data is not really there)."""
+  import struct
+  import zlib
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(
+      ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+  ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+          + chunk(b"IEND", b""))
+
+
+def test_max_image_pixels_says_why_and_is_configurable(photos):
+  huge = _png_header_only(10_000, 10_000)  # 100 MP: over PIL's default 89.5 MP
+  with pytest.raises(preprocess.ImageTooLargeError, match="10000 x 10000 = 100,000,000 pixels"):
+    decode_image(huge)
+  with pytest.raises(preprocess.ImageTooLargeError, match="max_image_pixels"):
+    decode_and_preprocess(_png_header_only(20_000, 20_000))  # over twice PIL's limit
+  # A limit of our own, lower or None (no limit: the fake pixel data is what fails then).
+  png = _encode(photos["coffee"], "PNG")  # 600 x 400
+  with pytest.raises(preprocess.ImageTooLargeError, match="240,000 pixels"):
+    decode_and_preprocess(png, 32, max_image_pixels=100_000)
+  assert decode_and_preprocess(png, 32, max_image_pixels=240_000).shape == (32, 32, 3)
+  for size in (10_000, 20_000):
+    with pytest.raises(CorruptImageError, match="Cannot decode") as error:
+      decode_image(_png_header_only(size, size), max_image_pixels=None)
+    assert not isinstance(error.value, preprocess.ImageTooLargeError)
+  with pytest.raises(ValueError, match="positive number of pixels"):
+    decode_image(png, max_image_pixels=-1)
+  assert decode_image(png, max_image_pixels=0).size == (600, 400)  # 0: no limit

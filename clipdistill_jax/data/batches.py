@@ -31,6 +31,7 @@ class CorruptLimits:
   def message(self, num_read: int, num_skipped: int, where: str) -> str:
     return (
         f"{num_skipped} of {num_read} images read from {where} could not be read or decoded "
+        "(or had no non-empty caption) "
         f"(limits: more than {self.max_fraction:.0%} after {self.check_after} images, or "
         f"{self.max_consecutive} in a row). The files are probably not images, or the image "
         "feature/column is the wrong one: check data.image_key and data.path / data.name. "
@@ -40,14 +41,27 @@ class CorruptLimits:
 CaptionFn = Callable[[dict[str, np.ndarray]], list[str]]
 
 
+def _text(caption) -> str:
+  return caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else str(caption)
+
+
+def caption_lists(values) -> np.ndarray:
+  """object [n] of tuples: each row's captions, from a numpy ragged batch (an object array
+  of arrays, or a 2-D array when every row has as many)."""
+  values = np.asarray(values, dtype=object)
+  out = np.empty(len(values), dtype=object)
+  for i, row in enumerate(values):
+    out[i] = tuple(np.asarray(row, dtype=object).reshape(-1).tolist())
+  return out
+
+
 def caption_fn(class_names: Sequence[str] | None, templates: Sequence[str]) -> CaptionFn:
   """Captions of a numpy batch: its 'caption' strings (bytes or str), or for label data
   templates[template_index] filled with class_names[label]."""
 
   def captions(batch: dict[str, np.ndarray]) -> list[str]:
     if "caption" in batch:
-      return [c.decode("utf-8", errors="replace") if isinstance(c, bytes) else str(c)
-              for c in batch["caption"].tolist()]
+      return [_text(c) for c in batch["caption"].tolist()]
     if class_names is None:
       raise ValueError("A batch without captions needs class names to build them from labels.")
     return [templates[t].format(class_names[label])
@@ -61,7 +75,11 @@ class EvalDataset:
   """A finite evaluation split of this host's share, re-iterable, in a fixed order.
 
   Each batch: image float32 [n,S,S,3], input_ids / attention_mask int32 [n,L], label int32
-  [n] (NO_LABEL where the data has none) and mask bool [n]. Batches hold `batch_size`
+  [n] (NO_LABEL where the data has none) and mask bool [n]. input_ids hold one caption per
+  image (the first). Data with captions of its own (tfds caption datasets, manifests,
+  TFRecords) also carries every caption of every image, for retrieval: text_input_ids /
+  text_attention_mask int32 [m,L] and text_image int32 [m], the batch row each describes
+  (m varies from batch to batch; padding rows have none). Batches hold `batch_size`
   examples except the last, which keeps the remainder: smaller, or (pad_remainder=True)
   padded to batch_size with mask=False rows, for evaluators that need one static shape.
   Unreadable images are dropped with their captions and counted (num_read / num_skipped,
@@ -118,6 +136,8 @@ class EvalDataset:
         if self._limits.exceeded(self.num_read, self.num_skipped, consecutive):
           raise TooManyCorruptImagesError(
               self._limits.message(self.num_read, self.num_skipped, self._where))
+      if "captions" in chunk:
+        chunk["captions"] = caption_lists(chunk["captions"])
       rows = {k: np.asarray(v)[ok] for k, v in chunk.items()}
       pending = rows if pending is None else {
           k: np.concatenate([pending[k], rows[k]]) for k in pending}
@@ -144,4 +164,10 @@ class EvalDataset:
       batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
                for k, v in batch.items()}
       batch["label"][n:] = NO_LABEL
+    if "captions" in rows:
+      lists = [[_text(c) for c in captions] for captions in rows["captions"]]
+      batch["text_input_ids"], batch["text_attention_mask"] = self._tokenizer(
+          [c for captions in lists for c in captions], self._context_length)
+      batch["text_image"] = np.repeat(np.arange(n, dtype=np.int32),
+                                      [len(captions) for captions in lists])
     return batch

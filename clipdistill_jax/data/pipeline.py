@@ -72,6 +72,10 @@ _DEFAULTS: dict[str, Any] = {
     "image_key": None,
     "caption_key": None,
     "label_key": None,
+    # manifests (local.read_manifest): CSV/TSV quoting 'csv' | 'none' (None: 'none' for .tsv,
+    # as CC3M's are unquoted; 'csv' for .csv); bad rows: an error naming the line, or skipped
+    "manifest_quoting": None,
+    "skip_bad_rows": False,
     "class_names": None,  # overrides the dataset's (needed for WordNet-id names)
     "templates": ("a photo of a {}.",),  # label -> caption; zero-shot prompts
     # order
@@ -80,7 +84,9 @@ _DEFAULTS: dict[str, Any] = {
     # augmentation (training only; off by default: a flip contradicts "on the left" captions)
     "crop_min_scale": 1.0,  # < 1: random square crop of at least this area fraction
     "flip": False,
-    # unreadable images
+    # unreadable images; larger ones are skipped too (PIL's decompression-bomb limit; None or
+    # 0: no limit, 0 being what a command line can say)
+    "max_image_pixels": preprocess.DEFAULT_MAX_IMAGE_PIXELS,
     "max_corrupt_fraction": 0.5,
     "corrupt_check_after": 200,
     "max_consecutive_corrupt": 1000,
@@ -101,6 +107,7 @@ _DEFAULTS: dict[str, Any] = {
 # (`--config.data.path=...`): ml_collections refuses to override a plain None.
 _OPTIONAL_TYPES = {"name": str, "data_dir": str, "path": str, "eval_path": str,
                    "image_key": str, "caption_key": str, "label_key": str,
+                   "manifest_quoting": str,
                    "class_names": tuple, "num_threads": int, "num_train_examples": int}
 
 
@@ -137,6 +144,11 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
   if cfg.num_train_examples is not None and cfg.num_train_examples < 1:
     raise ValueError(f"data.num_train_examples={cfg.num_train_examples} must be >= 1 (or None "
                      "for all of the data).")
+  if cfg.manifest_quoting not in (None, "none", "csv"):
+    raise ValueError(f"data.manifest_quoting={cfg.manifest_quoting!r}; choose 'none' "
+                     "(unquoted, as CC3M's TSVs), 'csv' (pandas / Python csv quoting) or None "
+                     "('none' for .tsv, 'csv' for .csv).")
+  preprocess.check_max_image_pixels(cfg.max_image_pixels, "data.max_image_pixels")
   if cfg.source in ("manifest", "tfrecord") and not cfg.path:
     raise ValueError(f"data.source={cfg.source!r} needs data.path.")
   return cfg
@@ -270,7 +282,8 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
   if cfg.source == "manifest":
     from clipdistill_jax.data import local
 
-    rows = local.read_manifest(cfg.path, image_key=cfg.image_key, caption_key=cfg.caption_key)
+    rows = local.read_manifest(cfg.path, image_key=cfg.image_key, caption_key=cfg.caption_key,
+                               quoting=cfg.manifest_quoting, skip_bad_rows=cfg.skip_bad_rows)
     records = local.manifest_train_records(rows, seed=cfg.seed, start_position=start_position,
                                            num_examples=cfg.num_train_examples, **hosts)
     where = cfg.path
@@ -298,7 +311,8 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
 
   settings = tf_pipeline.DecodeSettings(
       image_size=image_size, seed=cfg.seed, train=True, num_templates=len(cfg.templates),
-      crop_min_scale=cfg.crop_min_scale, flip=cfg.flip, **hosts)
+      crop_min_scale=cfg.crop_min_scale, flip=cfg.flip, max_image_pixels=cfg.max_image_pixels,
+      **hosts)
   batches = tf_pipeline.train_batches(
       records, settings, batch_size=local_batch_size, limits=_limits(cfg),
       num_parallel_calls=cfg.num_parallel_calls, prefetch=cfg.prefetch,
@@ -346,7 +360,8 @@ def make_eval_dataset(data_config, *, batch_size: int, image_size: int, context_
       raise ValueError(f"Evaluating data.source={cfg.source!r} needs data.eval_path (or split=).")
     if cfg.source == "manifest":
       rows = local.read_manifest(path, image_key=cfg.image_key, caption_key=cfg.caption_key,
-                                 label_key=cfg.label_key)
+                                 label_key=cfg.label_key, quoting=cfg.manifest_quoting,
+                                 skip_bad_rows=cfg.skip_bad_rows)
       records, size = local.manifest_eval_records(rows, **hosts)
     else:
       files = local.list_tfrecords(path)
@@ -365,7 +380,7 @@ def make_eval_dataset(data_config, *, batch_size: int, image_size: int, context_
     where = f"tfds {cfg.name} {split}"
 
   settings = tf_pipeline.DecodeSettings(image_size=image_size, seed=cfg.seed, train=False,
-                                        **hosts)
+                                        max_image_pixels=cfg.max_image_pixels, **hosts)
   chunks = tf_pipeline.eval_chunks(records, settings, chunk_size=batch_size,
                                    num_parallel_calls=cfg.num_parallel_calls,
                                    num_threads=cfg.num_threads)

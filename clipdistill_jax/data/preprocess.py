@@ -11,13 +11,26 @@ float32 because the Flax model takes NHWC:
 
 Encoded bytes (files, TFRecords) are also EXIF-transposed first, as `transformers.image_utils.
 load_image` does, so phone photos come out upright.
+
+Bit depths. 8-bit modes convert to RGB exactly as transformers does. PIL's own conversion of
+high-bit-depth modes clips at 255 (a 16-bit scan comes out almost white), so those are first
+scaled to 8 bits by their range (to_rgb): 16-bit modes (I;16, I;16L, I;16B, I;16N; uint16
+arrays) divide by 257; 32-bit integers (I) are read as 8-bit when every value is <= 255, as
+16-bit when <= 65535, else by the bit depth their largest value needs; floats (F) in [0, 1]
+multiply by 255, larger ones follow the integer rule. Negative values and NaN become 0.
+
+Size. Decoding refuses images over `max_image_pixels` (default PIL's decompression-bomb limit,
+DEFAULT_MAX_IMAGE_PIXELS; None or 0: no limit) with ImageTooLargeError, before any pixel is decoded.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import numbers
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -29,22 +42,70 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_IMAGE_SIZE = 224
 RESCALE_FACTOR = 1 / 255
+# PIL.Image.MAX_IMAGE_PIXELS as PIL ships it: 1024 * 1024 * 1024 // 4 // 3.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 ImageLike = PIL.Image.Image | np.ndarray
+
+logger = logging.getLogger(__name__)
 
 
 class CorruptImageError(ValueError):
   """Bytes that PIL cannot decode into an image."""
 
 
+class ImageTooLargeError(CorruptImageError):
+  """An image with more pixels than the decoder is allowed (max_image_pixels)."""
+
+
+# Modes whose samples do not fit in 8 bits; PIL's convert("RGB") clips them at 255.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+HIGH_BIT_DEPTH_MODES = (*SIXTEEN_BIT_MODES, "I", "F")
+
+
+def _scale_to_8bit(values: np.ndarray, float_data: bool) -> np.ndarray:
+  """uint8 of integer-valued or float samples, scaled by their range (module docstring)."""
+  values = np.nan_to_num(np.asarray(values, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+  values = np.maximum(values, 0.0)
+  peak = float(values.max()) if values.size else 0.0
+  if float_data and peak <= 1.0:
+    full_scale = 1.0
+  elif peak <= 255:
+    full_scale = 255.0
+  elif peak <= 65535:
+    full_scale = 65535.0
+  else:
+    full_scale = float(2 ** int(np.ceil(peak)).bit_length() - 1)
+  return np.clip(np.round(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+  """Any PIL image as an 8-bit 'RGB' image: the one conversion every decode path uses.
+
+  8-bit modes follow transformers.image_transforms.convert_to_rgb exactly (alpha, or a
+  palette's transparency, composited onto white). High-bit-depth modes (I;16*, I, F) are
+  scaled to 8 bits by their range first (module docstring) instead of being clipped.
+  """
+  if image.mode in HIGH_BIT_DEPTH_MODES:
+    if image.mode in SIXTEEN_BIT_MODES:
+      pixels = (np.asarray(image).astype(np.float64) / 257).round().astype(np.uint8)
+    else:
+      pixels = _scale_to_8bit(np.asarray(image), float_data=image.mode == "F")
+    return PIL.Image.fromarray(pixels, "L").convert("RGB")
+  if image.mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply first
+    image = image.convert("LA" if image.mode == "La" else "RGBA")
+  if "A" in image.getbands() or image.info.get("transparency") is not None:
+    rgba = image.convert("RGBA")
+    white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+  return image.convert("RGB")
+
+
 def _rgb_pixels(image: ImageLike) -> np.ndarray:
-  """uint8 [H, W, 3], following transformers.image_transforms.convert_to_rgb exactly."""
+  """uint8 [H, W, 3], following transformers.image_transforms.convert_to_rgb exactly for
+  8-bit data (to_rgb; uint16 arrays are scaled like 16-bit images)."""
   if isinstance(image, PIL.Image.Image):
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-      rgba = image.convert("RGBA")
-      white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-      return np.asarray(PIL.Image.alpha_composite(white, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(to_rgb(image))
 
   if not isinstance(image, np.ndarray):
     raise TypeError(f"Expected a PIL image or a numpy array, got {type(image).__name__}.")
@@ -54,6 +115,8 @@ def _rgb_pixels(image: ImageLike) -> np.ndarray:
       f"Image array of shape {image.shape}: expected [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] "
       "(channels last). Transpose channels-first arrays with np.moveaxis(x, 0, -1)."
     )
+  if pixels.dtype == np.uint16:
+    pixels = (pixels.astype(np.float64) / 257).round().astype(np.uint8)
   if pixels.dtype != np.uint8:
     is_byte_range = np.issubdtype(pixels.dtype, np.integer) and (
       pixels.size == 0 or (pixels.min() >= 0 and pixels.max() <= 255)
@@ -61,7 +124,7 @@ def _rgb_pixels(image: ImageLike) -> np.ndarray:
     if not is_byte_range:
       raise ValueError(
         f"Image array of dtype {pixels.dtype}: pass uint8 pixels in [0, 255] "
-        "(for floats in [0, 1]: (x * 255).round().astype(np.uint8))."
+        "or uint16 (for floats in [0, 1]: (x * 255).round().astype(np.uint8))."
       )
     pixels = pixels.astype(np.uint8)
   if pixels.shape[-1] == 1:
@@ -108,20 +171,69 @@ def preprocess_images(
   return np.stack([preprocess_image(image, image_size) for image in images])
 
 
-def decode_image(encoded: bytes) -> PIL.Image.Image:
-  """Fully decodes image bytes (EXIF orientation applied); CorruptImageError if it cannot."""
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _allow_in_pil(max_pixels: int | None) -> None:
+  """Lifts PIL's process-wide bomb guard when a caller allows more than it does.
+
+  PIL checks PIL.Image.MAX_IMAGE_PIXELS in Image.open, for every caller in the process; our
+  limit is per call. So a larger limit (or None) switches PIL's off once, and decode_image
+  applies the caller's own limit before decoding any pixel.
+  """
+  with _PIL_LIMIT_LOCK:
+    current = PIL.Image.MAX_IMAGE_PIXELS
+    if current is not None and (max_pixels is None or max_pixels > current):
+      PIL.Image.MAX_IMAGE_PIXELS = None
+
+
+def check_max_image_pixels(max_pixels: int | None, what: str = "max_image_pixels") -> None:
+  """ValueError unless max_pixels is a number of pixels, or None or 0 (no limit: 0 is how a
+  command line, which cannot set None on an int knob, says it)."""
+  if max_pixels is not None and (isinstance(max_pixels, bool)
+                                 or not isinstance(max_pixels, numbers.Integral)
+                                 or max_pixels < 0):
+    raise ValueError(f"{what}={max_pixels!r}: give a positive number of pixels, or None (or 0) "
+                     f"for no limit (default {DEFAULT_MAX_IMAGE_PIXELS}, PIL's).")
+
+
+def decode_image(encoded: bytes, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+                 ) -> PIL.Image.Image:
+  """Fully decodes image bytes (EXIF orientation applied).
+
+  Raises CorruptImageError if PIL cannot decode them, ImageTooLargeError (a subclass) if the
+  image has more than `max_image_pixels` pixels (None or 0: no limit), checked from the header
+  before any pixel is decoded.
+  """
   if not isinstance(encoded, bytes | bytearray | memoryview):
     raise TypeError(
       f"Expected encoded image bytes, got {type(encoded).__name__}; for a file, pass "
       "open(path, 'rb').read()."
     )
+  check_max_image_pixels(max_image_pixels)
+  max_image_pixels = max_image_pixels or None
+  _allow_in_pil(max_image_pixels)
   head = bytes(encoded[:8])
   try:
     with warnings.catch_warnings():
-      # Treat huge "decompression bomb" images as errors, not warnings, in data pipelines.
-      warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+      # Our own limit below decides; PIL's warning between its limit and twice it is noise.
+      warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
       image = PIL.Image.open(io.BytesIO(encoded))
-      image.load()
+    width, height = image.size
+    if max_image_pixels is not None and width * height > max_image_pixels:
+      raise ImageTooLargeError(
+        f"Image of {width} x {height} = {width * height:,} pixels is over the limit of "
+        f"{max_image_pixels:,} pixels (max_image_pixels; PIL's decompression-bomb guard). "
+        "For files you trust, raise the limit or set it to None."
+      )
+    image.load()
+  except ImageTooLargeError:
+    raise
+  except PIL.Image.DecompressionBombError as e:  # PIL's guard, still on: over twice its limit
+    raise ImageTooLargeError(
+      f"{e} (max_image_pixels={max_image_pixels}; for files you trust, raise it or set it to "
+      "None)."
+    ) from e
   except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... on bad data
     raise CorruptImageError(
       f"Cannot decode image ({len(encoded)} bytes, starting {head!r}): "
@@ -133,17 +245,25 @@ def decode_image(encoded: bytes) -> PIL.Image.Image:
     return image
 
 
-def decode_and_preprocess(encoded: bytes, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
-  """Encoded image bytes (JPEG, PNG, ...) -> normalized float32 [S, S, 3]."""
-  return preprocess_image(decode_image(encoded), image_size)
+def decode_and_preprocess(encoded: bytes, image_size: int = DEFAULT_IMAGE_SIZE,
+                          max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+                          ) -> np.ndarray:
+  """Encoded image bytes (JPEG, PNG, ...) -> normalized float32 [S, S, 3].
+
+  Raises CorruptImageError / ImageTooLargeError as decode_image does.
+  """
+  return preprocess_image(decode_image(encoded, max_image_pixels), image_size)
 
 
-def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE):
+def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
+                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
   """tf.data version: scalar tf.string -> (float32 [S, S, 3], bool ok).
 
   A corrupt image gives ok=False and zeros, so a pipeline can count and filter it rather than
-  die mid-epoch. Runs the numpy path through tf.numpy_function: same numbers as
-  decode_and_preprocess (PIL releases the GIL while decoding and resizing).
+  die mid-epoch; an image over max_image_pixels too, with a logged warning saying so (the
+  first few times), since raising the limit fixes it. Runs the numpy path through
+  tf.numpy_function: same numbers as decode_and_preprocess (PIL releases the GIL while
+  decoding and resizing).
   """
   import tensorflow as tf
 
@@ -152,8 +272,10 @@ def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE):
     if isinstance(encoded, np.ndarray):
       encoded = encoded.item()
     try:
-      return decode_and_preprocess(encoded, image_size), np.bool_(True)
-    except CorruptImageError:
+      return decode_and_preprocess(encoded, image_size, max_image_pixels), np.bool_(True)
+    except CorruptImageError as e:
+      if isinstance(e, ImageTooLargeError):
+        _warn_too_large(e)
       return np.zeros((image_size, image_size, 3), np.float32), np.bool_(False)
 
   image, ok = tf.numpy_function(
@@ -166,6 +288,15 @@ def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE):
   image.set_shape([image_size, image_size, 3])
   ok.set_shape([])
   return image, ok
+
+
+_TOO_LARGE_WARNINGS = [10]  # how many more "too large" warnings to log
+
+
+def _warn_too_large(error: ImageTooLargeError) -> None:
+  if _TOO_LARGE_WARNINGS[0] > 0:
+    _TOO_LARGE_WARNINGS[0] -= 1
+    logger.warning("Skipping an image: %s (data.max_image_pixels)", error)
 
 
 def preprocessor_config(image_size: int = DEFAULT_IMAGE_SIZE) -> dict:

@@ -5,7 +5,9 @@ Every tf.data source (tfds, manifest, TFRecord) yields *records*: dicts with
                    first record, whatever start offset was skipped), seeds its augmentation;
   image     string encoded bytes, or uint8 [H, W, 3] already decoded pixels;
   image_path string instead of `image`, a file to read (manifests);
-  caption   string, or rank-1 strings (several captions: one is drawn per use);
+  caption   string, or rank-1 strings (several captions: one is drawn per use); empty or
+                   whitespace-only captions do not count, and a record without any other
+                   is dropped and counted like an unreadable image;
   label     int64 class id (label datasets; optional for caption datasets).
 This module turns records into batches. Images are decoded with the same CLIP preprocessing
 as everything else (preprocess.tf_preprocess); a record whose file is missing or whose bytes
@@ -104,15 +106,18 @@ class DecodeSettings:
   num_templates: int = 1
   crop_min_scale: float = 1.0
   flip: bool = False
+  max_image_pixels: int | None = preprocess.DEFAULT_MAX_IMAGE_PIXELS
 
 
 # --- per-record decoding ----------------------------------------------------------------------
 
 
 def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
-  """records -> examples {image float32 [S,S,3], ok, position, caption | label, template_index}.
+  """records -> examples {image float32 [S,S,3], ok, position, caption | label, template_index}
+  (evaluation: also `captions`, rank-1, every non-empty caption of the record).
 
-  Never raises for a bad image: `ok` is False instead (and the image zeros).
+  Never raises for a bad image: `ok` is False instead (and the image zeros); also False for a
+  record whose captions are all empty or whitespace.
   """
   tf = import_tf()
   size = settings.image_size
@@ -120,7 +125,7 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
   def load(image_or_path, from_path: bool):
     encoded = tf.io.read_file(image_or_path) if from_path else image_or_path
     if encoded.dtype == tf.string:
-      return preprocess.tf_preprocess(encoded, size)
+      return preprocess.tf_preprocess(encoded, size, settings.max_image_pixels)
     image = tf.numpy_function(lambda pixels: preprocess.preprocess_image(pixels, size),
                               [encoded], tf.float32, stateful=False)
     image.set_shape([size, size, 3])
@@ -144,14 +149,23 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
     if settings.train:
       example["image"] = _augment(image, crop_seed, flip_seed, settings)
     if "caption" in record:
-      caption = record["caption"]
-      if caption.shape.rank == 1:  # several captions per image: draw one (eval: the first)
-        count = tf.shape(caption)[0]
-        pick = (tf.random.stateless_uniform([], text_seed, 0, tf.maximum(count, 1), tf.int32)
-                if settings.train else 0)
-        example["ok"] = ok & (count > 0)  # an image without a caption is not an example
-        caption = tf.gather(tf.concat([caption, [""]], axis=0), pick)
-      example["caption"] = caption
+      captions = record["caption"]
+      if captions.shape.rank == 0:
+        captions = captions[None]
+      # Empty or whitespace-only captions are no captions, and an image without a caption is
+      # not an example: it is dropped and counted like an unreadable image.
+      captions = tf.boolean_mask(
+          captions, tf.logical_not(tf.strings.regex_full_match(captions, r"[\s\p{Z}]*")))
+      count = tf.shape(captions)[0]
+      # Several captions per image: training draws one per use (a function of the seed and
+      # the record's position, so of the epoch: resumes draw the same); evaluation takes the
+      # first as `caption` and keeps them all as `captions` (retrieval counts every one).
+      pick = (tf.random.stateless_uniform([], text_seed, 0, tf.maximum(count, 1), tf.int32)
+              if settings.train else 0)
+      example["ok"] = example["ok"] & (count > 0)
+      example["caption"] = tf.gather(tf.concat([captions, [""]], axis=0), pick)
+      if not settings.train:
+        example["captions"] = captions
     if "label" in record:
       example["label"] = tf.cast(record["label"], tf.int32)
       example["template_index"] = (
@@ -277,5 +291,6 @@ def eval_chunks(records, settings: DecodeSettings, *, chunk_size: int,
   """Finite chunks of decoded examples, corrupt ones still in (ok=False) so the host side
   counts them exactly and drops them (eval_dataset.EvalDataset)."""
   examples = decode_records(records, settings, num_parallel_calls)
-  chunks = examples.batch(chunk_size, drop_remainder=False).prefetch(2)
+  # ragged: `captions` differ in number from record to record (numpy: object arrays).
+  chunks = examples.ragged_batch(chunk_size, drop_remainder=False).prefetch(2)
   return chunks.with_options(dataset_options(num_threads))

@@ -2,7 +2,8 @@
 
 Two kinds of dataset:
   * caption datasets: an image feature plus a caption feature (a string, or a sequence of
-    strings such as coco_captions' "captions/text", of which one is drawn per use);
+    strings such as coco_captions' "captions/text", of which one is drawn per use); without
+    data.caption_key or data.label_key, the first Text feature in CAPTION_FEATURES;
   * label datasets: an image plus a ClassLabel, turned into captions by filling
     data.templates ("a photo of a {}.") with the class names.
 
@@ -25,6 +26,9 @@ from typing import Any
 from clipdistill_jax.data.tf_pipeline import dataset_options, import_tf
 
 _WORDNET_ID = re.compile(r"^n\d{8}$")
+# Caption features found without data.caption_key, first match wins (coco_captions':
+# "captions/text", a sequence of strings).
+CAPTION_FEATURES = ("caption", "captions/text", "text", "captions", "title")
 
 
 def import_tfds():
@@ -70,6 +74,9 @@ def open_tfds(name: str, *, data_dir: str | None, image_key: str | None,
   features = builder.info.features
   image_key = image_key or "image"
   _feature(features, image_key, "image", name)
+  if caption_key is None and label_key is None:
+    caption_key = next((key for key in CAPTION_FEATURES if _has_text_feature(features, key)),
+                       None)
   if caption_key is not None:
     _feature(features, caption_key, "caption", name)
   elif label_key is None:
@@ -97,6 +104,18 @@ def _feature(features, key: str, what: str, name: str):
                      f"{list(features)}). Set data.{what}_key.")
     node = node[part]
   return node
+
+
+def _has_text_feature(features, key: str) -> bool:
+  """Whether `key` names a Text feature (or a sequence of them)."""
+  tfds = import_tfds()
+  try:
+    node = _feature(features, key, "caption", "")
+  except KeyError:
+    return False
+  while isinstance(node, tfds.features.Sequence):
+    node = node.feature
+  return isinstance(node, tfds.features.Text)
 
 
 def _check_class_names(names: Sequence[str], name: str, label_key: str) -> None:

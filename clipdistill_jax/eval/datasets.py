@@ -21,7 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from clipdistill_jax.data.preprocess import CorruptImageError, decode_image, preprocess_image
+from clipdistill_jax.data.preprocess import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    CorruptImageError,
+    decode_image,
+    preprocess_image,
+)
 from clipdistill_jax.eval.prompts import get_templates, readable_class_names
 
 logger = logging.getLogger(__name__)
@@ -55,26 +60,32 @@ class ZeroShotDataset:
 
 
 def load_zero_shot_dataset(name: str, split: str, image_size: int, data_dir: str | None = None,
-                           max_examples: int | None = None) -> ZeroShotDataset:
+                           max_examples: int | None = None,
+                           max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+                           ) -> ZeroShotDataset:
   """A tfds dataset by name ('cifar10', 'cifar100', 'imagenet2012', 'imagenet_v2', ...),
   'folder:/path' (one subfolder per class; `split` is ignored: point at the split's folder)
   or 'synthetic' (clipdistill_jax.data.synthetic, split 'train'/'test').
 
   max_examples: evaluate only the first N examples (a fixed random subset for folders).
+  max_image_pixels: larger images are skipped as unreadable (None: no limit).
   """
   if max_examples is not None and max_examples < 1:
     raise ValueError(f"max_examples={max_examples} must be >= 1 (or None for all).")
   if name.startswith(FOLDER_PREFIX):
-    return _folder_dataset(name[len(FOLDER_PREFIX):], image_size, max_examples)
+    return _folder_dataset(name[len(FOLDER_PREFIX):], image_size, max_examples,
+                           max_image_pixels)
   if name == SYNTHETIC_NAME:
     return _synthetic_dataset(split, image_size, max_examples)
-  return _tfds_dataset(name, split, image_size, data_dir, max_examples)
+  return _tfds_dataset(name, split, image_size, data_dir, max_examples,
+                       max_image_pixels=max_image_pixels)
 
 
 # --- local folders ------------------------------------------------------------------------
 
 
-def _folder_dataset(root: str, image_size: int, max_examples: int | None) -> ZeroShotDataset:
+def _folder_dataset(root: str, image_size: int, max_examples: int | None,
+                    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ZeroShotDataset:
   root = os.path.expanduser(root)
   if not os.path.isdir(root):
     raise FileNotFoundError(f"{root} is not a directory; 'folder:PATH' wants PATH/<class>/<image> "
@@ -99,7 +110,8 @@ def _folder_dataset(root: str, image_size: int, max_examples: int | None) -> Zer
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
       for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        decoded = list(pool.map(lambda item: _read_image(item[0], image_size), chunk))
+        decoded = list(pool.map(
+            lambda item: _read_image(item[0], image_size, max_image_pixels), chunk))
         images, labels = [], []
         for (path, label), (image, error) in zip(chunk, decoded, strict=True):
           if image is None:
@@ -120,10 +132,11 @@ def _folder_dataset(root: str, image_size: int, max_examples: int | None) -> Zer
       templates=get_templates("folder"), num_examples=len(files), _read=read)
 
 
-def _read_image(path: str, image_size: int) -> tuple[np.ndarray | None, str | None]:
+def _read_image(path: str, image_size: int, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+                ) -> tuple[np.ndarray | None, str | None]:
   try:
     with open(path, "rb") as f:
-      return preprocess_image(decode_image(f.read()), image_size), None
+      return preprocess_image(decode_image(f.read(), max_image_pixels), image_size), None
   except (CorruptImageError, OSError, ValueError) as e:
     return None, f"{type(e).__name__}: {e}"
 
@@ -154,7 +167,8 @@ def _synthetic_dataset(split: str, image_size: int, max_examples: int | None
 
 def _tfds_dataset(name: str, split: str, image_size: int, data_dir: str | None,
                   max_examples: int | None, image_key: str = "image",
-                  label_key: str = "label") -> ZeroShotDataset:
+                  label_key: str = "label",
+                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ZeroShotDataset:
   import tensorflow as tf
   import tensorflow_datasets as tfds
 
@@ -186,7 +200,8 @@ def _tfds_dataset(name: str, split: str, image_size: int, data_dir: str | None,
           "tars in DIR/downloads/manual first) and pass data_dir=DIR.") from e
     if max_examples is not None:
       ds = ds.take(max_examples)
-    ds = ds.map(lambda ex: (*tf_preprocess(ex[image_key], image_size), ex[label_key]),
+    ds = ds.map(lambda ex: (*tf_preprocess(ex[image_key], image_size, max_image_pixels),
+                            ex[label_key]),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     for images, ok, labels in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
       skipped[0] += int(np.sum(~ok))

@@ -27,7 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from clipdistill_jax.data.preprocess import CorruptImageError, decode_and_preprocess
+from clipdistill_jax.data.preprocess import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    CorruptImageError,
+    ImageTooLargeError,
+    decode_and_preprocess,
+)
 
 ONNX_DIR = "onnx"
 MANIFEST = "clipdistill_onnx.json"
@@ -174,12 +179,14 @@ class OnnxCLIP:
               for start in range(0, len(pixel_values), batch_size)]
     return np.concatenate(chunks)
 
-  def encode_image_files(self, paths: Iterable[str | os.PathLike], batch_size: int = 32
+  def encode_image_files(self, paths: Iterable[str | os.PathLike], batch_size: int = 32,
+                         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
                          ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """(embeddings, the paths they belong to, [(path, why it was skipped)]).
 
     Images are decoded a batch at a time, so a large folder never sits in memory whole;
-    an unreadable or undecodable file is skipped and reported, not fatal.
+    an unreadable or undecodable file, or one over max_image_pixels (None: no limit), is
+    skipped and reported, not fatal.
     """
     embeddings, encoded, skipped = [], [], []
     batch, batch_paths = [], []
@@ -193,7 +200,7 @@ class OnnxCLIP:
 
     for path in paths:
       try:
-        batch.append(load_image_file(path, self.image_size))
+        batch.append(load_image_file(path, self.image_size, max_image_pixels))
         batch_paths.append(str(path))
       except ImageLoadError as e:
         skipped.append((str(path), str(e)))
@@ -217,8 +224,10 @@ class ImageLoadError(ValueError):
   """A file that could not be read or decoded as an image."""
 
 
-def load_image_file(path: str | os.PathLike, image_size: int) -> np.ndarray:
-  """A file -> normalized float32 [S, S, 3]; ImageLoadError says why it cannot be used."""
+def load_image_file(path: str | os.PathLike, image_size: int,
+                    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+  """A file -> normalized float32 [S, S, 3]; ImageLoadError says why it cannot be used
+  (unreadable, not an image, or more pixels than max_image_pixels; None: no limit)."""
   try:
     with open(path, "rb") as f:
       encoded = f.read()
@@ -227,7 +236,9 @@ def load_image_file(path: str | os.PathLike, image_size: int) -> np.ndarray:
   if not encoded:
     raise ImageLoadError("file is empty")
   try:
-    return decode_and_preprocess(encoded, image_size)
+    return decode_and_preprocess(encoded, image_size, max_image_pixels)
+  except ImageTooLargeError as e:
+    raise ImageLoadError(f"image too large: {e}") from e
   except (CorruptImageError, ValueError) as e:
     raise ImageLoadError(f"not a readable image: {e}") from e
 

@@ -101,10 +101,17 @@ class CLIPConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
-    """Builds a config from a transformers CLIPConfig dict; unknown HF fields are ignored."""
-    text = _subset(CLIPTextConfig, d.get("text_config") or {})
-    vision = _subset(CLIPVisionConfig, d.get("vision_config") or {})
-    top = _subset(cls, {k: v for k, v in d.items() if k not in ("text_config", "vision_config")})
+    """Builds a config from a transformers CLIPConfig dict; unknown HF fields are ignored.
+
+    Older configs carry `text_config_dict` / `vision_config_dict` next to (or instead of)
+    `text_config` / `vision_config`. transformers' CLIPConfig then rebuilds the tower from the
+    `*_dict` alone: every field it names wins, and every field it omits takes the class
+    default, overriding `*_config` (see CLIPConfig.__post_init__). We do the same.
+    """
+    text = _subset(CLIPTextConfig, _tower_fields(d, "text_config"))
+    vision = _subset(CLIPVisionConfig, _tower_fields(d, "vision_config"))
+    towers = ("text_config", "vision_config", "text_config_dict", "vision_config_dict")
+    top = _subset(cls, {k: v for k, v in d.items() if k not in towers})
     return cls(text_config=CLIPTextConfig(**text), vision_config=CLIPVisionConfig(**vision), **top)
 
   def to_dict(self) -> dict[str, Any]:
@@ -130,6 +137,12 @@ class CLIPConfig:
     with open(path, "w") as f:
       json.dump(self.to_dict(), f, indent=2, sort_keys=True)
       f.write("\n")
+
+
+def _tower_fields(d: dict[str, Any], key: str) -> dict[str, Any]:
+  """The fields of one tower: `key + '_dict'` when present (not None), else `key`."""
+  legacy = d.get(f"{key}_dict")
+  return dict(legacy) if legacy is not None else dict(d.get(key) or {})
 
 
 def _subset(cls, d: dict[str, Any]) -> dict[str, Any]:
