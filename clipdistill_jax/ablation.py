@@ -22,6 +22,7 @@ gain is never an artifact of an over- or under-trained baseline.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,6 +50,12 @@ def _run_config(config: ml_collections.ConfigDict, recipe: str, steps: int, seed
     return experiment.stage_config(config, **changes)
   changes["teacher.source"] = teacher_source
   return experiment.stage_config(recipes.apply_recipe(config, recipe), **changes)
+
+
+def _dir_name(recipe: str) -> str:
+  """A recipe entry as a folder name ('affinity:loss.teacher_logit_scale=50' ->
+  'affinity_loss.teacher_logit_scale-50')."""
+  return re.sub(r"[^A-Za-z0-9_.-]", "_", recipe.replace("=", "-").replace(":", "_"))
 
 
 def _grid(config: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
@@ -83,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   results = []
   for recipe, steps, seed in grid:
-    run_dir = out / "runs" / f"{recipe}-s{steps}-seed{seed}"
+    run_dir = out / "runs" / f"{_dir_name(recipe)}-s{steps}-seed{seed}"
     result_file = run_dir / "result.json"
     if result_file.exists():
       results.append(json.loads(result_file.read_text()))

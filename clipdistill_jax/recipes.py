@@ -15,10 +15,12 @@ one, with loss.recipe naming where it came from.
                    (losses.fd_loss), ICL weight 1 with a learnable scale from 1/0.07.
   affinity         MobileCLIP / TinyCLIP: distillation of the teacher's image-text affinities
                    alone (logit KL both ways at T=1, ground-truth contrastive weight 0), the
-                   teacher's logits at a tuned scale (loss.teacher_logit_scale, MobileCLIP's
-                   100).
+                   teacher's logits at its own scale (OpenAI CLIP's is 100, MobileCLIP's
+                   choice); loss.teacher_logit_scale tunes it ('affinity:loss.
+                   teacher_logit_scale=50').
   affinity_fd      affinity plus FD and ICL: every signal the teacher's embeddings give, and
                    no ground-truth term.
+  fd_icl           FD and ICL alone: CLIP-KD's two strongest terms as pure distillation.
   *_inherit        the same, with the student's weights cut from the teacher's
                    (student.init='inherit', TinyCLIP's weight inheritance; CLIP-KD's
                    maintainer: inherit from the teacher, not from an unrelated CLIP).
@@ -26,6 +28,7 @@ one, with loss.recipe naming where it came from.
 
 from __future__ import annotations
 
+import ast
 import copy
 from collections.abc import Mapping
 from typing import Any
@@ -48,11 +51,15 @@ _BASE_RECIPES: dict[str, dict[str, Any]] = {
     },
     "affinity": {
         "loss.weights": dict(_NO_WEIGHTS, logit_kl=1.0),
-        "loss.temperature": 1.0, "loss.teacher_logit_scale": 100.0,
+        "loss.temperature": 1.0, "loss.teacher_logit_scale": None,
     },
     "affinity_fd": {
         "loss.weights": dict(_NO_WEIGHTS, logit_kl=1.0, fd=CLIP_KD_FD_WEIGHT, icl=1.0),
-        "loss.temperature": 1.0, "loss.teacher_logit_scale": 100.0,
+        "loss.temperature": 1.0, "loss.teacher_logit_scale": None,
+    },
+    "fd_icl": {
+        "loss.weights": dict(_NO_WEIGHTS, fd=CLIP_KD_FD_WEIGHT, icl=1.0),
+        "loss.temperature": 1.0, "loss.teacher_logit_scale": None,
     },
 }
 
@@ -63,11 +70,31 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def recipe_overrides(name: str) -> Mapping[str, Any]:
-  """The dotted config fields recipe `name` sets. Raises ValueError for an unknown name."""
-  if name not in RECIPES:
+  """The dotted config fields recipe `name` sets. Raises ValueError for an unknown name.
+
+  A name may carry its own changes after a colon, for ablations of a recipe's knobs:
+  'affinity:loss.teacher_logit_scale=50' or 'clip_kd:loss.weights.fd=10,loss.weights.icl=2'
+  (values are Python literals; 'None' for None).
+  """
+  base, _, extra = name.partition(":")
+  if base not in RECIPES:
     raise ValueError(f"loss.recipe={name!r} is not a recipe; choose one of "
                      f"{', '.join(sorted(RECIPES))}, or None to use loss.weights as written.")
-  return RECIPES[name]
+  overrides = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in RECIPES[base].items()}
+  for change in filter(None, extra.split(",")):
+    dotted, equals, text = change.partition("=")
+    if not equals or not dotted.strip():
+      raise ValueError(f"loss.recipe={name!r}: write changes as 'recipe:field=value,...'.")
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      value = text.strip()
+    dotted = dotted.strip()
+    if dotted.startswith("loss.weights."):  # one weight of the recipe's weight set
+      overrides["loss.weights"][dotted.rsplit(".", 1)[1]] = value
+    else:
+      overrides[dotted] = value
+  return overrides
 
 
 def set_dotted(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:

@@ -22,15 +22,30 @@ def test_recipes_set_the_loss_and_the_student_init():
       "fd": 2000 / 512, "icl": 1.0, "contrastive": 1.0}
   affinity = recipes.apply_recipe(config, "affinity_inherit")
   assert {k: v for k, v in affinity.loss.weights.items() if v} == {"logit_kl": 1.0}
-  assert affinity.loss.teacher_logit_scale == 100.0 and affinity.student.init == "inherit"
+  assert affinity.loss.teacher_logit_scale is None and affinity.student.init == "inherit"
   assert affinity.loss.temperature == 1.0
-  article = recipes.apply_recipe(affinity, "article")  # a recipe replaces every loss field
+  tuned = recipes.apply_recipe(config, "affinity:loss.teacher_logit_scale=50")
+  article = recipes.apply_recipe(tuned, "article")  # a recipe replaces every loss field
   assert article.loss.teacher_logit_scale is None and article.loss.weights.attention == 0.2
   # No recipe: the config as written; the input is never modified.
   assert recipes.apply_recipe(config).loss.weights == config.loss.weights
   assert config.loss.recipe is None and config.loss.weights.fd == 0.0
   with pytest.raises(ValueError, match="not a recipe; choose one of .*clip_kd"):
     recipes.apply_recipe(config, "clip-kd")
+
+
+def test_recipe_knobs_after_a_colon():
+  config = base_config()
+  tuned = recipes.apply_recipe(
+      config, "affinity_fd:loss.teacher_logit_scale=50,loss.weights.fd=20,student.init=inherit")
+  assert tuned.loss.teacher_logit_scale == 50 and tuned.student.init == "inherit"
+  assert tuned.loss.weights.fd == 20 and tuned.loss.weights.logit_kl == 1.0
+  assert recipes.RECIPES["affinity_fd"]["loss.weights"]["fd"] == 2000 / 512  # not mutated
+  assert recipes.apply_recipe(config, "affinity_fd").loss.weights.fd == 2000 / 512
+  with pytest.raises(ValueError, match="recipe:field=value"):
+    recipes.recipe_overrides("clip_kd:fd")
+  assert ablation._dir_name("affinity:loss.teacher_logit_scale=50") == (
+      "affinity_loss.teacher_logit_scale-50")
 
 
 def summary_row(summary, recipe, steps):
