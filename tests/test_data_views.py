@@ -153,6 +153,10 @@ def test_the_writer_sees_the_training_views(files, tokenizer):
                                          context_length=CONTEXT, tokenizer=tokenizer,
                                          process_index=0, process_count=1, start_example=4)
   assert [b["example_id"].tolist() for b in resumed] == [[4, 5, 6, -1]]
+  done = pipeline.make_views_iterator(config, global_batch_size=4, image_size=SIZE,
+                                      context_length=CONTEXT, tokenizer=tokenizer,
+                                      process_index=0, process_count=1, start_example=8)
+  assert done.num_examples == 7 and not list(done)
 
 
 @pytest.mark.parametrize("config, fix", [
@@ -165,3 +169,17 @@ def test_num_views_needs_a_finite_set_with_example_ids(config, fix, tokenizer):
     train_batches({**config, "num_views": 2}, tokenizer, 1, batch=2)
   with pytest.raises(ValueError, match="num_views=0 must be >= 1"):
     train_batches({"source": "synthetic", "num_views": 0}, tokenizer, 1, batch=2)
+
+
+def test_num_views_needs_one_caption_per_example():
+  tf = tf_pipeline.import_tf()
+  record = {"position": tf.constant(0, tf.int64), "example_id": tf.constant(0, tf.int64),
+            "epoch": tf.constant(0, tf.int64), "image": tf.zeros([40, 40, 3], tf.uint8),
+            "caption": tf.constant(["a dog", "a brown dog"])}
+  settings = tf_pipeline.DecodeSettings(image_size=SIZE, seed=0, process_index=0,
+                                        process_count=1, train=True, num_views=2)
+  with pytest.raises(ValueError, match="exactly one caption"):
+    tf_pipeline.decode_records(tf.data.Dataset.from_tensors(record), settings, 1)
+  del record["example_id"]
+  with pytest.raises(ValueError, match="fixed example ids"):
+    tf_pipeline.decode_records(tf.data.Dataset.from_tensors(record), settings, 1)

@@ -357,7 +357,8 @@ def make_views_iterator(data_config, *, global_batch_size: int, image_size: int,
   Global batch g holds examples start_example + g*B + [0, B) in id order, each with all
   data.num_views views; this host gets its rows [p*b, (p+1)*b) (tf_pipeline.TFViewsIterator:
   image [b,K,S,S,3], augmentation [b,K,4], example_id (-1: padding), ok, input_ids,
-  attention_mask). `num_examples` on the iterator: the training set's size. The images and
+  attention_mask); nothing from start_example >= the training set's size (`num_examples`
+  on the iterator). The images and
   crops are the training pipeline's (same decode, tf_pipeline.view_augmentation); unreadable
   images come with ok=False instead of being dropped.
   """
@@ -381,8 +382,8 @@ def make_views_iterator(data_config, *, global_batch_size: int, image_size: int,
                                    label_key=None)
     records, total = local.tfrecord_example_records(
         files, keys, num_examples=cfg.num_train_examples, start=start_example)
-  if not 0 <= start_example < total:
-    raise ValueError(f"start_example={start_example} is not in [0, {total}).")
+  if start_example < 0:
+    raise ValueError(f"start_example={start_example} must be >= 0.")
   settings = tf_pipeline.DecodeSettings(
       image_size=image_size, seed=cfg.seed, train=True, num_templates=len(cfg.templates),
       crop_min_scale=cfg.crop_min_scale, flip=cfg.flip, num_views=cfg.num_views,

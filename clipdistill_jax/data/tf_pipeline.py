@@ -437,11 +437,15 @@ def views_batches(records, settings: DecodeSettings, *, num_examples: int, start
   `records`: the examples from id `start` on, in id order, each with example_id. Global
   batch g holds examples start + g*B + [0, B), host p its rows [p*b, (p+1)*b); the last
   batch is completed with padding rows (example_id -1) so every host yields as many batches.
+  Nothing when start >= num_examples.
   """
   tf = import_tf()
   b = global_batch_size // settings.process_count
   p = settings.process_index
   remaining = num_examples - start
+  if remaining <= 0:
+    empty = decode_records(records.take(0), settings, num_parallel_calls).batch(b)
+    return empty.with_options(dataset_options(num_threads))
   last = -(-remaining // global_batch_size) - 1  # index of the last global batch
   real_in_last = min(max(remaining - last * global_batch_size - p * b, 0), b)
   mine = records.filter(
