@@ -121,11 +121,13 @@ def test_tfrecord_views_use_the_record_index(files, tokenizer):
     np.testing.assert_array_equal(np.asarray(row_ids(batch, pixels)), 2 * batch["example_id"])
 
 
-def test_the_writer_sees_the_training_views(files, tokenizer):
+@pytest.mark.parametrize("source", ["manifest", "tfrecord"])
+def test_the_writer_sees_the_training_views(files, tokenizer, source):
   """make_views_iterator's view v of example i is the image training shows for (i, v)."""
-  root, _, _ = files
-  config = {"source": "manifest", "path": str(root / "m.jsonl"), **AUGMENT, "num_views": VIEWS,
-            "num_train_examples": 7}
+  root, _, pattern = files
+  path = str(root / "m.jsonl") if source == "manifest" else pattern
+  config = {"source": source, "path": path, **AUGMENT, "num_views": VIEWS,
+            "num_train_examples": 7, "shuffle_buffer": 1}
   trained = {}
   for batch in train_batches(config, tokenizer, 6 * VIEWS, batch=7):
     for row, (i, view) in enumerate(zip(batch["example_id"], batch["view"], strict=True)):

@@ -360,7 +360,8 @@ def make_views_iterator(data_config, *, global_batch_size: int, image_size: int,
   attention_mask); nothing from start_example >= the training set's size (`num_examples`
   on the iterator). The images and
   crops are the training pipeline's (same decode, tf_pipeline.view_augmentation); unreadable
-  images come with ok=False instead of being dropped.
+  images come with ok=False instead of being dropped. TFRecords have no random access: they
+  are counted once, and every host reads (not decodes) all records from start_example.
   """
   cfg = resolve_data_config(data_config)
   process_index, process_count = _processes(process_index, process_count)
