@@ -13,7 +13,8 @@ Field by field:
                      too where matmuls have bf16 units (TPU, GPU); not on a plain x86 CPU)
   teacher.cache_dir  None = run the teacher live; a directory written by
                      `python -m clipdistill_jax.teacher_cache` = read its cached embeddings
-                     (feature/logit_kl/contrastive losses only; no random augmentation)
+                     (embedding losses only: feature, fd, icl, logit_kl, contrastive; random
+                     augmentation only with a multi-view cache, --views K / data.num_views)
   student.arch       'article' | 'teacher' | 'custom' (widths in student.custom) | 'file'
                      (an HF config.json); without a teacher, shapes start from student.base
                      ('vit_b32' | 'tiny') and student.image_size / patch_size / context_length

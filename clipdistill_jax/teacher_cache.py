@@ -1,57 +1,91 @@
 r"""Cached teacher: run the frozen teacher once over the training data, train without it.
 
     python -m clipdistill_jax.teacher_cache --config configs/X.py --workdir DIR \
-        [--num_steps N | --num_examples N] [--store_pooled]
+        [--num_steps N | --num_examples N | --views K] [--store_pooled]
 
-writes the teacher's outputs for the first N training steps to config.teacher.cache_dir (or
-DIR/teacher_cache when that is unset); training with `--config.teacher.cache_dir=...` then
-reads them instead of running the teacher, which roughly halves the FLOPs of a step.
+writes the teacher's outputs to config.teacher.cache_dir (or DIR/teacher_cache when that is
+unset); training with `--config.teacher.cache_dir=...` then reads them instead of running
+the teacher, which roughly halves the FLOPs of a step. Two kinds of cache:
 
-What is stored, per training example, in the trainer's exact order (pipeline.
+Step cache (default): the first N training steps, in the trainer's exact order (pipeline.
 make_train_iterator with the same data config, seed, global batch size and host count:
-step s of the cache is step s of training):
+step s of the cache is step s of training). Per row:
   image_embeds, text_embeds    L2-normalized teacher embeddings, bfloat16 [rows, proj_dim]
   image_pooled, text_pooled    pre-projection pooled states, bfloat16 (--store_pooled only)
   input_fingerprint            crc32 of each row's input_ids, uint32: training checks that
                                the batch it reads is the one the cache was written for
-Files: `manifest.json` (teacher source/dtype/logit scale, data config and its hash, batch
-size, host count, steps, shard list) and safetensors shards `teacher-{first step:08d}-host
-{p:03d}.safetensors` holding `steps_per_shard` steps of host p's rows (safetensors: plain,
-documented, bf16-native, memory-mapped; torch/numpy read it). A writer that stops part-way
-resumes from its last complete shard when rerun with the same command.
+in shards `teacher-{first step:08d}-host{p:03d}.safetensors` of `steps_per_shard` steps of
+host p's rows. It holds one teacher output per example read, so it cannot serve random
+augmentation (data.crop_min_scale < 1 or data.flip): each step would see another crop than
+the cached one; such configs are refused.
 
-Only the embeddings are cached, so cached training supports the 'feature', 'logit_kl' and
-'contrastive' losses; a config with 'hidden' or 'attention' weights > 0 is refused. The
-teacher's logits are recomputed as logit_scale * image_embeds @ text_embeds.T with the
-teacher's own logit scale from the manifest.
+Multi-view cache (--views K, or data.num_views = K; MobileCLIP's "reinforced" dataset,
+Vasu et al. 2024, apple/ml-mobileclip): every example of the (finite) training set with K
+fixed augmented views, view v's crop and flip a pure function of (data.seed, example id, v),
+of which training shows view pick_view(data.seed, epoch, example id, K) in each epoch
+(pipeline.py, tf_pipeline.view_augmentation / pick_view): augmentation and cached targets
+stay consistent for any number of epochs, batch size or host count. Per example i (rows in
+example-id order, shards `teacher-views-{first example:09d}.safetensors` of
+`steps_per_shard * train.batch_size` examples):
+  image_embeds       bfloat16 [n, K, proj_dim]  L2-normalized, view v of example i at [i, v]
+  image_pooled       bfloat16 [n, K, width]     (--store_pooled only)
+  text_embeds        bfloat16 [n, proj_dim]     the caption's (captions are not augmented;
+  text_pooled        bfloat16 [n, width]         one caption per example is required)
+  augmentation       int32 [n, K, 4]            view v's crop top, left, side (pixels of the
+                                                image_size x image_size input) and flip 0/1
+  input_fingerprint  uint32 [n]                 crc32 of the caption's input_ids
+  valid              uint8 [n]                  0: the image could not be read (training
+                                                drops it too)
+Training with it needs --config.data.num_views=K and reads, per batch row, the row of its
+(example_id, view), checking the caption fingerprint and the crop/flip against the batch's.
+The writer runs the teacher's image tower once per view and its text tower once per example.
+The examples must have fixed ids: a manifest (its rows, the first data.num_train_examples),
+or TFRecords with data.num_train_examples (records in sorted file order); synthetic, tfds
+and unbounded TFRecord streams are refused.
 
-Augmentation: the cache holds one teacher output per training example, so every step must
-see exactly the images the teacher saw: cached mode refuses random augmentation
-(data.crop_min_scale < 1 or data.flip). To distill with augmentation, run the teacher live
-(or write one cache per augmented epoch with its own data.seed).
+Both: `manifest.json` (format version, kind, teacher source/dtype/logit scale, the data
+settings the cache depends on and their hash, shard list) beside safetensors shards
+(safetensors: plain, documented, bf16-native, memory-mapped; torch/numpy read it; the reader
+here maps the multi-view shards and reads only the rows a batch needs). A writer that stops
+part-way resumes from its last complete shard when rerun with the same command. A cache
+written for other data, seed, views, teacher, image size (or, for step caches, batch size or
+host count) is refused before step 1.
+
+Only the embeddings are cached, so cached training supports the 'feature', 'fd', 'icl',
+'logit_kl' and 'contrastive' losses; a config with 'hidden' or 'attention' weights > 0 is
+refused. The teacher's logits are recomputed as logit_scale * image_embeds @ text_embeds.T
+with the teacher's own logit scale from the manifest.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-FORMAT_VERSION = 1
+# 2: manifests say their kind ('steps' | 'views'); 1: step caches written before, still read.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 EMBED_FIELDS = ("image_embeds", "text_embeds")
 POOLED_FIELDS = ("image_pooled", "text_pooled")
 CACHED_LOSSES = ("feature", "fd", "icl", "logit_kl", "contrastive")
 DEFAULT_STEPS_PER_SHARD = 64
+# Multi-view cache fields indexed [example, view, ...]; the others are [example, ...].
+PER_VIEW_FIELDS = ("image_embeds", "image_pooled", "augmentation")
+# The data settings a multi-view cache's content depends on (not the order, batch or hosts).
+VIEW_DATA_KEYS = ("source", "path", "image_key", "caption_key", "num_train_examples", "seed",
+                  "crop_min_scale", "flip", "num_views")
 
 
 class TeacherCacheError(ValueError):
@@ -72,22 +106,39 @@ def check_cacheable(config: ml_collections.ConfigDict) -> None:
         f"attention=0 (cached mode supports {', '.join(CACHED_LOSSES)}), or "
         "unset teacher.cache_dir to run the teacher live.")
   data = config.data
-  if float(data.get("crop_min_scale", 1.0)) < 1.0 or bool(data.get("flip", False)):
+  augmented = float(data.get("crop_min_scale", 1.0)) < 1.0 or bool(data.get("flip", False))
+  if augmented and data.get("num_views") is None:
     raise TeacherCacheError(
-        "cached teacher mode needs the images the teacher saw, but random augmentation is on "
-        f"(data.crop_min_scale={data.get('crop_min_scale')}, data.flip={data.get('flip')}): "
-        "each step would see a different crop/flip than the cached one. Set "
-        "--config.data.crop_min_scale=1.0 --config.data.flip=False, or run the teacher live.")
+        "a step teacher cache holds one teacher output per example read, but random "
+        f"augmentation is on (data.crop_min_scale={data.get('crop_min_scale')}, data.flip="
+        f"{data.get('flip')}): each step would see another crop/flip than the cached one. "
+        "Write a multi-view cache instead (python -m clipdistill_jax.teacher_cache ... --views "
+        "K, then train with --config.data.num_views=K), or set --config.data.crop_min_scale=1.0 "
+        "--config.data.flip=False, or run the teacher live.")
   if not config.teacher.get("source"):
     raise TeacherCacheError("cached teacher mode needs teacher.source (the teacher the cache "
                             "was written with).")
 
 
 def data_fingerprint(config: ml_collections.ConfigDict, process_count: int) -> dict[str, Any]:
-  """Everything the training order depends on; the cache is valid iff these match."""
+  """Everything the training order depends on; a step cache is valid iff these match."""
   data = json.loads(json.dumps(config.data.to_dict(), sort_keys=True, default=str))
+  if data.get("num_views", 0) is None:
+    del data["num_views"]  # caches written before the knob existed stay valid
   key = {"data": data, "tokenizer": config.get("tokenizer"),
          "global_batch_size": int(config.train.batch_size), "process_count": process_count,
+         "teacher_source": str(config.teacher.source),
+         "teacher_dtype": config.teacher.get("dtype", "float32")}
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+  return {**key, "hash": digest}
+
+
+def views_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a multi-view cache's content depends on (VIEW_DATA_KEYS, tokenizer, teacher); the
+  cache serves a config iff these match (image size and context length are checked apart)."""
+  data = config.data
+  views_data = json.loads(json.dumps({k: data.get(k) for k in VIEW_DATA_KEYS}, default=str))
+  key = {"data": views_data, "tokenizer": config.get("tokenizer"),
          "teacher_source": str(config.teacher.source),
          "teacher_dtype": config.teacher.get("dtype", "float32")}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -109,27 +160,57 @@ def _shard_name(first_step: int, host: int) -> str:
   return f"teacher-{first_step:08d}-host{host:03d}.safetensors"
 
 
+def _views_shard_name(first_example: int) -> str:
+  return f"teacher-views-{first_example:09d}.safetensors"
+
+
 # --- writing --------------------------------------------------------------------------------
 
 def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.PathLike, *,
                         num_steps: int | None = None, num_examples: int | None = None,
-                        store_pooled: bool = False,
+                        views: int | None = None, store_pooled: bool = False,
                         steps_per_shard: int = DEFAULT_STEPS_PER_SHARD, log=print) -> Path:
-  """Runs the teacher over the first training steps and writes the cache; returns its dir.
+  """Runs the teacher over the training data and writes the cache; returns its dir.
 
-  num_steps (or num_examples, rounded up to whole steps; default train.total_steps) steps of
-  train.batch_size examples, in the trainer's order. The teacher runs jitted on the config's
-  mesh with the batch sharded as in training. Every host writes its own rows.
+  Step cache (data.num_views None and views None): num_steps (or num_examples, rounded up to
+  whole steps; default train.total_steps) steps of train.batch_size examples, in the
+  trainer's order. Multi-view cache (views = K, or data.num_views = K): every training
+  example with K augmented views (module docstring); num_steps / num_examples do not apply.
+  The teacher runs jitted on the config's mesh with the batch sharded as in training.
+  Raises TeacherCacheError for a config the cache cannot serve, or a directory holding a
+  cache written with other settings.
   """
+  if views is not None:
+    given = config.data.get("num_views")
+    if given is not None and int(given) != int(views):
+      raise TeacherCacheError(f"--views={views} but the config sets data.num_views={given}; "
+                              "give one of them.")
+    config = copy.deepcopy(config)
+    with config.unlocked():
+      config.data.num_views = int(views)
+  check_cacheable(config)
+  if config.data.get("num_views") is not None:
+    from clipdistill_jax.data import pipeline
+
+    if num_steps is not None or num_examples is not None:
+      raise TeacherCacheError(
+          "a multi-view cache holds every training example (data.num_train_examples sets how "
+          "many), not a number of steps: drop --num_steps / --num_examples.")
+    try:
+      pipeline.check_views(pipeline.resolve_data_config(config.data))
+    except ValueError as e:
+      raise TeacherCacheError(str(e)) from None
+    return _write_views_cache(config, Path(out_dir), store_pooled=store_pooled,
+                              steps_per_shard=steps_per_shard, log=log)
+
   import jax
   from jax.experimental import multihost_utils
   from jax.sharding import PartitionSpec
 
-  from clipdistill_jax import sharding, train
+  from clipdistill_jax import sharding
   from clipdistill_jax.data import pipeline
   from clipdistill_jax.data.tokenizer import load_tokenizer
 
-  check_cacheable(config)
   batch_size = int(config.train.batch_size)
   if num_steps is None:
     num_steps = (math.ceil(num_examples / batch_size) if num_examples is not None
@@ -140,10 +221,8 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
   out.mkdir(parents=True, exist_ok=True)
   host, hosts = jax.process_index(), jax.process_count()
 
-  models = train.build_models(config)
-  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  logit_scale = teacher_logit_scale(models.teacher_params)
-  teacher_params, teacher_shardings = train.place_teacher(models, mesh, config.mesh.rules)
+  teacher = _Teacher(config)
+  models, mesh = teacher.models, teacher.mesh
   fields = EMBED_FIELDS + (POOLED_FIELDS if store_pooled else ())
 
   def teacher_fn(params, batch):
@@ -151,21 +230,15 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
                                 batch["attention_mask"])
     return {k: getattr(out_, k).astype(jax.numpy.bfloat16) for k in fields}
   batch_spec = sharding.batch_sharding(mesh)
-  run_teacher = jax.jit(teacher_fn, in_shardings=(teacher_shardings, batch_spec),
+  run_teacher = jax.jit(teacher_fn, in_shardings=(teacher.shardings, batch_spec),
                         out_shardings=batch_spec)
 
   fingerprint = data_fingerprint(config, hosts)
   manifest = {
-      "format_version": FORMAT_VERSION, "complete": False,
-      "teacher_source": str(config.teacher.source),
-      "teacher_dtype": config.teacher.get("dtype", "float32"),
-      "teacher_config": models.teacher_config.to_dict(),
-      "teacher_logit_scale": logit_scale, "projection_dim": models.teacher_config.projection_dim,
+      **teacher.manifest_entries(), "kind": "steps",
       "data_fingerprint": fingerprint, "global_batch_size": batch_size, "process_count": hosts,
       "local_batch_size": batch_size // hosts, "num_steps": num_steps,
-      "steps_per_shard": steps_per_shard, "fields": list(fields), "dtype": "bfloat16",
-      "image_size": models.student_config.vision_config.image_size,
-      "context_length": models.context_length,
+      "steps_per_shard": steps_per_shard, "fields": list(fields),
   }
   _check_resumable(out, manifest)
   if host == 0:
@@ -176,8 +249,7 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
   if first_missing:
     log(f"resuming the teacher cache at step {first_missing} of {num_steps}")
   batches = pipeline.make_train_iterator(
-      config.data, global_batch_size=batch_size,
-      image_size=models.student_config.vision_config.image_size,
+      config.data, global_batch_size=batch_size, image_size=teacher.image_size,
       context_length=models.context_length, tokenizer=load_tokenizer(config.get("tokenizer")),
       process_index=host, process_count=hosts, start_step=first_missing)
   started = time.perf_counter()
@@ -187,14 +259,14 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
       for _ in range(first, min(first + steps_per_shard, num_steps)):
         host_batch = next(batches)
         host_batch.pop("num_skipped", None)
-        outputs = run_teacher(teacher_params, sharding.shard_host_batch(host_batch, mesh))
+        outputs = run_teacher(teacher.params, sharding.shard_host_batch(host_batch, mesh))
         local = multihost_utils.global_array_to_host_local_array(
             outputs, mesh, PartitionSpec(batch_spec.spec[0]))
         for k in fields:
           rows[k].append(np.asarray(local[k]))
         rows["input_fingerprint"].append(input_fingerprints(host_batch["input_ids"]))
       _write_shard(out / _shard_name(first, host), {k: np.concatenate(v) for k, v in
-                                                    rows.items()}, first)
+                                                    rows.items()}, {"first_step": first})
       done = min(first + steps_per_shard, num_steps)
       log(f"teacher cache: {done}/{num_steps} steps "
           f"({(done - first_missing) * batch_size / (time.perf_counter() - started):.1f} "
@@ -211,13 +283,146 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
   return out
 
 
+class _Teacher:
+  """The teacher of a config placed on its mesh, as both writers run it."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    from clipdistill_jax import sharding, train
+
+    self.config = config
+    self.models = train.build_models(config)
+    self.mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+    self.logit_scale = teacher_logit_scale(self.models.teacher_params)
+    self.params, self.shardings = train.place_teacher(self.models, self.mesh,
+                                                      config.mesh.rules)
+    self.image_size = self.models.student_config.vision_config.image_size
+
+  def manifest_entries(self) -> dict[str, Any]:
+    teacher_config = self.models.teacher_config
+    return {"format_version": FORMAT_VERSION, "complete": False,
+            "teacher_source": str(self.config.teacher.source),
+            "teacher_dtype": self.config.teacher.get("dtype", "float32"),
+            "teacher_config": teacher_config.to_dict(), "teacher_logit_scale": self.logit_scale,
+            "projection_dim": teacher_config.projection_dim, "dtype": "bfloat16",
+            "image_size": self.image_size, "context_length": self.models.context_length}
+
+
+def _write_views_cache(config: ml_collections.ConfigDict, out: Path, *, store_pooled: bool,
+                       steps_per_shard: int, log) -> Path:
+  """The multi-view cache (module docstring): shards of steps_per_shard * train.batch_size
+  consecutive examples, each with all data.num_views views; host 0 writes every shard.
+
+  Each teacher call takes train.batch_size examples, so a host holds train.batch_size /
+  hosts x K decoded images at a time: lower train.batch_size for the writer if that is too
+  much (the cache's rows do not depend on it; its shard size does).
+  """
+  import jax
+  from jax.experimental import multihost_utils
+
+  from clipdistill_jax import sharding
+  from clipdistill_jax.data import pipeline
+  from clipdistill_jax.data.tokenizer import load_tokenizer
+
+  batch_size, num_views = int(config.train.batch_size), int(config.data.num_views)
+  per_shard = steps_per_shard * batch_size
+  out.mkdir(parents=True, exist_ok=True)
+  host, hosts = jax.process_index(), jax.process_count()
+  teacher = _Teacher(config)
+  models, mesh = teacher.models, teacher.mesh
+  image_fields = ("image_embeds",) + (("image_pooled",) if store_pooled else ())
+  text_fields = ("text_embeds",) + (("text_pooled",) if store_pooled else ())
+
+  def tower(method: str, fields: tuple[str, ...]):
+    def run(params, *inputs):
+      out_ = models.teacher.apply({"params": params}, *inputs, method=method)
+      return {k: getattr(out_, k).astype(jax.numpy.bfloat16) for k in fields}
+    return run
+  batch_spec = sharding.batch_sharding(mesh)
+  run_image = jax.jit(tower("encode_image", image_fields),
+                      in_shardings=(teacher.shardings, batch_spec), out_shardings=batch_spec)
+  run_text = jax.jit(tower("encode_text", text_fields),
+                     in_shardings=(teacher.shardings, batch_spec, batch_spec),
+                     out_shardings=batch_spec)
+
+  def on_device(array):
+    return sharding.shard_host_batch({"x": array}, mesh)["x"]
+
+  def gathered(tree):  # this host's rows -> every host's rows, in global batch order
+    if hosts == 1:
+      return jax.tree_util.tree_map(np.asarray, tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+  # Host 0's files decide where to resume; every host must feed the same batches.
+  first_missing = 0
+  while (out / _views_shard_name(first_missing)).exists():
+    first_missing += per_shard
+  if hosts > 1:
+    first_missing = int(multihost_utils.broadcast_one_to_all(np.int64(first_missing)))
+  examples = pipeline.make_views_iterator(
+      config.data, global_batch_size=batch_size, image_size=teacher.image_size,
+      context_length=models.context_length, tokenizer=load_tokenizer(config.get("tokenizer")),
+      process_index=host, process_count=hosts, start_example=first_missing)
+  total = examples.num_examples
+  manifest = {
+      **teacher.manifest_entries(), "kind": "views", "views_fingerprint":
+      views_fingerprint(config), "num_views": num_views, "num_examples": total,
+      "examples_per_shard": per_shard, "fields": [*image_fields, *text_fields],
+      "augmentation_columns": ["top", "left", "side", "flip"],
+  }
+  _check_resumable(out, manifest)
+  if host == 0:
+    _write_json(out / MANIFEST, manifest)
+  if 0 < first_missing < total:
+    log(f"resuming the teacher cache at example {first_missing} of {total}")
+
+  started = time.perf_counter()
+  with jax.set_mesh(mesh):
+    for first in range(first_missing, total, per_shard):
+      stop = min(first + per_shard, total)
+      rows: dict[str, list[np.ndarray]] = {}
+      for _ in range(math.ceil((stop - first) / batch_size)):
+        batch = next(examples)
+        outputs = gathered(run_text(teacher.params, on_device(batch["input_ids"]),
+                                    on_device(batch["attention_mask"])))
+        per_view = [gathered(run_image(teacher.params, on_device(batch["image"][:, v])))
+                    for v in range(num_views)]
+        outputs.update({k: np.stack([o[k] for o in per_view], axis=1) for k in image_fields})
+        outputs.update(gathered({
+            "example_id": batch["example_id"], "augmentation": batch["augmentation"],
+            "valid": batch["ok"].astype(np.uint8),
+            "input_fingerprint": input_fingerprints(batch["input_ids"])}))
+        keep = outputs["example_id"] >= 0  # -1: padding of the last batch
+        for k, v in outputs.items():
+          rows.setdefault(k, []).append(np.asarray(v)[keep])
+      tensors = {k: np.concatenate(v) for k, v in rows.items()}
+      if not np.array_equal(tensors.pop("example_id"), np.arange(first, stop)):
+        raise RuntimeError(f"teacher cache: the examples read for the shard at {first} are "
+                           f"not examples {first}..{stop - 1} in order.")  # a bug, not data
+      if host == 0:
+        _write_shard(out / _views_shard_name(first), tensors, {"first_example": first})
+      invalid = int((tensors["valid"] == 0).sum())
+      log(f"teacher cache: {stop}/{total} examples x {num_views} views"
+          + (f", {invalid} unreadable images in this shard" if invalid else "")
+          + f" ({(stop - first_missing) / (time.perf_counter() - started):.1f} examples/s)")
+  examples.close()
+  if hosts > 1:
+    multihost_utils.sync_global_devices("teacher_cache_written")
+  if host == 0:
+    manifest["complete"] = True
+    manifest["shards"] = [_views_shard_name(s) for s in range(0, total, per_shard)]
+    _write_json(out / MANIFEST, manifest)
+  return out
+
+
 def _check_resumable(out: Path, manifest: dict[str, Any]) -> None:
   path = out / MANIFEST
   if not path.exists():
     return
   old = json.loads(path.read_text())
-  keys = ("data_fingerprint", "global_batch_size", "process_count", "steps_per_shard",
-          "fields", "teacher_source", "teacher_dtype")
+  keys = ("kind", "data_fingerprint", "views_fingerprint", "global_batch_size",
+          "process_count", "steps_per_shard", "examples_per_shard", "num_views", "num_examples",
+          "fields", "teacher_source", "teacher_dtype", "image_size", "context_length")
+  old.setdefault("kind", "steps")
   changed = [k for k in keys if old.get(k) != manifest.get(k)]
   if changed:
     raise TeacherCacheError(
@@ -231,19 +436,23 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
   os.replace(tmp, path)
 
 
-def _write_shard(path: Path, tensors: dict[str, np.ndarray], first_step: int) -> None:
+def _write_shard(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, int]) -> None:
   from safetensors.numpy import save_file
 
   tmp = path.with_name(path.name + ".tmp")
   save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-            metadata={"first_step": str(first_step)})
+            metadata={k: str(v) for k, v in metadata.items()})
   os.replace(tmp, path)  # a shard on disk is always complete
 
 
 # --- reading --------------------------------------------------------------------------------
 
 class TeacherCache:
-  """A written cache: its manifest, checks against a training config, per-step batches."""
+  """A written cache: its manifest, checks against a training config, the rows of a batch.
+
+  The trainer calls check_config, then merger(start_step) once and the merger on every
+  batch; batches() (step caches) and lookup() (multi-view caches) are the parts.
+  """
 
   def __init__(self, cache_dir: str | os.PathLike):
     self.directory = Path(cache_dir)
@@ -253,12 +462,19 @@ class TeacherCache:
           f"no teacher cache in {self.directory} ({MANIFEST} missing). Write one with: python "
           "-m clipdistill_jax.teacher_cache --config <your config> --workdir <dir>")
     self.manifest = json.loads(path.read_text())
-    if self.manifest.get("format_version") != FORMAT_VERSION:
+    if self.manifest.get("format_version") not in READ_VERSIONS:
       raise TeacherCacheError(f"{path}: format version {self.manifest.get('format_version')}, "
-                              f"this code reads {FORMAT_VERSION}; rewrite the cache.")
+                              f"this code reads {READ_VERSIONS}; rewrite the cache.")
     if not self.manifest.get("complete"):
       raise TeacherCacheError(f"the teacher cache in {self.directory} is incomplete (its writer "
                               "stopped); rerun the same teacher_cache command to finish it.")
+    self.kind = self.manifest.get("kind", "steps")
+    self._shards: dict[int, dict[str, np.ndarray]] = {}
+
+  @property
+  def num_views(self) -> int | None:
+    """K for a multi-view cache, None for a step cache."""
+    return int(self.manifest["num_views"]) if self.kind == "views" else None
 
   @property
   def num_steps(self) -> int:
@@ -268,9 +484,31 @@ class TeacherCache:
   def teacher_logit_scale(self) -> float:
     return float(self.manifest["teacher_logit_scale"])
 
-  def check_config(self, config: ml_collections.ConfigDict, process_count: int) -> None:
-    """Raises TeacherCacheError unless this cache serves `config`'s training run exactly."""
+  def check_config(self, config: ml_collections.ConfigDict, process_count: int, *,
+                   image_size: int | None = None, context_length: int | None = None) -> None:
+    """Raises TeacherCacheError unless this cache serves `config`'s training run exactly.
+
+    image_size / context_length (the models' inputs) are checked against the cache's where
+    given.
+    """
+    if self.kind == "views":  # first: its advice (data.num_views=K) beats "no augmentation"
+      self._check_views_config(config)
     check_cacheable(config)
+    for name, want in (("image_size", image_size), ("context_length", context_length)):
+      have = self.manifest.get(name)
+      if want is not None and have is not None and int(want) != int(have):
+        raise TeacherCacheError(
+            f"the teacher cache in {self.directory} was written for {name}={have}; this run's "
+            f"models take {name}={want}. Write a cache for this config.")
+    if self.kind == "views":
+      return
+    views = config.data.get("num_views")
+    if views is not None:
+      raise TeacherCacheError(
+          f"the teacher cache in {self.directory} holds one teacher output per training step, "
+          f"but data.num_views={views} trains on fixed augmented views: write a multi-view "
+          "cache (python -m clipdistill_jax.teacher_cache ... --views "
+          f"{views}), or unset data.num_views.")
     want = data_fingerprint(config, process_count)
     have = self.manifest["data_fingerprint"]
     if want["hash"] != have["hash"]:
@@ -285,11 +523,42 @@ class TeacherCache:
           f"the teacher cache in {self.directory} holds {self.num_steps} steps; training asks "
           f"for {total}. Rerun the writer with --num_steps={total}, or lower train.total_steps.")
 
+  def _check_views_config(self, config: ml_collections.ConfigDict) -> None:
+    views, have_views = config.data.get("num_views"), self.num_views
+    if views is None or int(views) != have_views:
+      raise TeacherCacheError(
+          f"the teacher cache in {self.directory} holds {have_views} augmented views per "
+          f"example; train with --config.data.num_views={have_views} (this config has "
+          f"data.num_views={views}), or write a cache for this config.")
+    want, have = views_fingerprint(config), self.manifest["views_fingerprint"]
+    if want["hash"] != have["hash"]:
+      diff = [f"data.{k}" for k in want["data"] if want["data"][k] != have["data"].get(k)]
+      diff += [k for k in want if k not in ("data", "hash") and want[k] != have.get(k)]
+      raise TeacherCacheError(
+          f"the teacher cache in {self.directory} was written for other data or another "
+          f"teacher: {', '.join(diff)} differ(s) from this config, so its views are not this "
+          "run's. Write a cache for this config (python -m clipdistill_jax.teacher_cache "
+          f"--config ... --views {views}).")
+
+  def merger(self, start_step: int = 0, process_index: int = 0
+             ) -> Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]]:
+    """merge(host_batch, step) -> the batch plus teacher_image_embeds / teacher_text_embeds
+    (bf16 [local batch, D]) for training steps start_step, start_step + 1, ... in order
+    (step counted from 0), after checking that they are this batch's."""
+    if self.kind == "views":
+      return self.merge_views
+    cached = self.batches(start_step, process_index)
+    return lambda batch, step: merge_cached(batch, next(cached), step)
+
   def batches(self, start_step: int = 0, process_index: int = 0) -> Iterator[dict]:
-    """Per training step from start_step: {'teacher_image_embeds', 'teacher_text_embeds'
-    (bf16 [local batch, D]), 'input_fingerprint' (uint32 [local batch])}."""
+    """Step caches, per training step from start_step: {'teacher_image_embeds',
+    'teacher_text_embeds' (bf16 [local batch, D]), 'input_fingerprint' (uint32 [local
+    batch])}."""
     from safetensors.numpy import load_file
 
+    if self.kind != "steps":
+      raise TeacherCacheError(f"the teacher cache in {self.directory} is a multi-view cache, "
+                              "read by example and view (lookup), not by step.")
     per_shard, local = int(self.manifest["steps_per_shard"]), int(
         self.manifest["local_batch_size"])
     shard_first, shard = None, None
@@ -305,6 +574,95 @@ class TeacherCache:
     raise TeacherCacheError(
         f"the teacher cache in {self.directory} ends at step {self.num_steps}; rerun the "
         "writer with a larger --num_steps.")
+
+  def lookup(self, example_ids: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
+    """Multi-view caches: the rows of (example_ids[r], views[r]), int [n] each. Returns
+    {image_embeds [n, D], text_embeds [n, D] (+ image_pooled / text_pooled), augmentation
+    int32 [n, 4], input_fingerprint uint32 [n], valid uint8 [n]}, read from the memory-mapped
+    shards. Raises TeacherCacheError for ids or views outside the cache."""
+    ids, views = np.asarray(example_ids, np.int64), np.asarray(views, np.int64)
+    total, num_views = int(self.manifest["num_examples"]), self.num_views
+    outside = (ids < 0) | (ids >= total) | (views < 0) | (views >= num_views)
+    if outside.any():
+      r = int(np.argmax(outside))
+      raise TeacherCacheError(
+          f"example {ids[r]} view {views[r]} is not in the teacher cache in {self.directory} "
+          f"({total} examples x {num_views} views): the training set grew since it was "
+          "written; rewrite the cache.")
+    per_shard = int(self.manifest["examples_per_shard"])
+    shard_of = ids // per_shard
+    out: dict[str, np.ndarray] = {}
+    for shard in np.unique(shard_of):
+      rows = np.nonzero(shard_of == shard)[0]
+      arrays = self._shard(int(shard) * per_shard)
+      local = ids[rows] - int(shard) * per_shard
+      for name, array in arrays.items():
+        values = array[local, views[rows]] if name in PER_VIEW_FIELDS else array[local]
+        if name not in out:
+          out[name] = np.empty((len(ids), *values.shape[1:]), values.dtype)
+        out[name][rows] = values
+    return out
+
+  def _shard(self, first_example: int) -> dict[str, np.ndarray]:
+    if first_example not in self._shards:
+      self._shards[first_example] = _map_safetensors(
+          self.directory / _views_shard_name(first_example))
+    return self._shards[first_example]
+
+  def merge_views(self, batch: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
+    """A multi-view cache's teacher embeddings for a batch with example_id and view, after
+    checking each row's caption (input_ids fingerprint) and crop/flip against the cache."""
+    if "example_id" not in batch or "view" not in batch:
+      raise TeacherCacheError("a multi-view teacher cache needs batches with example_id and "
+                              "view: set data.num_views.")
+    ids = np.asarray(batch["example_id"])
+    rows = self.lookup(ids, batch["view"])
+
+    def first_bad(bad: np.ndarray) -> str:
+      r = int(np.argmax(bad))
+      return f"example {ids[r]}, view {int(batch['view'][r])}"
+    bad = rows["valid"] == 0
+    if bad.any():
+      raise TeacherCacheError(
+          f"step {step}: {first_bad(bad)} could not be read when the teacher cache was "
+          "written, but is read now: the data changed since; rewrite the cache.")
+    bad = input_fingerprints(batch["input_ids"]) != rows["input_fingerprint"]
+    if bad.any():
+      raise TeacherCacheError(
+          f"step {step}: the caption of {first_bad(bad)} is not the one the teacher cache "
+          "holds. The data changed since the cache was written (files, tokenizer or order of "
+          "rows); rewrite the cache.")
+    bad = (np.asarray(batch["augmentation"]) != rows["augmentation"]).any(axis=-1)
+    if bad.any():
+      raise TeacherCacheError(
+          f"step {step}: the crop/flip of {first_bad(bad)} differs from the cached view's: "
+          "the cache was written with other augmentation settings or code; rewrite the cache.")
+    return {**batch, "teacher_image_embeds": rows["image_embeds"],
+            "teacher_text_embeds": rows["text_embeds"]}
+
+
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F32": np.float32, "I32": np.int32,
+                       "I64": np.int64, "U32": np.uint32, "U8": np.uint8}
+
+
+def _map_safetensors(path: Path) -> dict[str, np.ndarray]:
+  """A safetensors file's tensors as read-only numpy memory maps (the format: an 8-byte
+  little-endian header length, a JSON header of dtype / shape / data_offsets, the data)."""
+  import ml_dtypes
+
+  with open(path, "rb") as f:
+    length = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(length))
+  tensors = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    begin, _ = info["data_offsets"]
+    tensors[name] = np.memmap(path, dtype, "r", offset=8 + length + begin,
+                              shape=tuple(info["shape"]))
+  return tensors
 
 
 def merge_cached(batch: dict[str, np.ndarray], cached: Mapping[str, np.ndarray], step: int
@@ -336,13 +694,16 @@ def main(argv: list[str]) -> None:
     config = recipes.apply_recipe(f.config)  # the losses a recipe names decide what is cached
   except ValueError as e:  # an unknown recipe name
     raise SystemExit(f"error: {e}") from None
+  views = f.views if f.views is not None else config.data.get("num_views")
   try:
     write_teacher_cache(config, out, num_steps=f.num_steps, num_examples=f.num_examples,
-                        store_pooled=f.store_pooled, steps_per_shard=f.steps_per_shard)
+                        views=f.views, store_pooled=f.store_pooled,
+                        steps_per_shard=f.steps_per_shard)
   except (FileNotFoundError, TeacherCacheError) as e:  # fixable by the user: no traceback
     raise SystemExit(f"error: {e}") from None
-  print(f"teacher cache written to {out}; train with --config.teacher.cache_dir={out} "
-        "(and the same config otherwise).")
+  flags_ = f"--config.teacher.cache_dir={out}" + (
+      f" --config.data.num_views={views}" if views is not None else "")
+  print(f"teacher cache written to {out}; train with {flags_} (and the same config otherwise).")
 
 
 def _define_flags() -> None:
@@ -357,8 +718,11 @@ def _define_flags() -> None:
                        "train.total_steps).")
   flags.DEFINE_integer("num_examples", None, "Alternatively, examples to cache (rounded up "
                        "to whole steps).")
+  flags.DEFINE_integer("views", None, "Write a multi-view cache: every training example with "
+                       "this many augmented views (sets data.num_views; train with the same).")
   flags.DEFINE_bool("store_pooled", False, "Also store the pre-projection pooled states.")
-  flags.DEFINE_integer("steps_per_shard", DEFAULT_STEPS_PER_SHARD, "Steps per shard file.")
+  flags.DEFINE_integer("steps_per_shard", DEFAULT_STEPS_PER_SHARD, "Steps per shard file "
+                       "(multi-view caches: steps_per_shard * train.batch_size examples).")
   flags.mark_flags_as_required(["config", "workdir"])
 
 

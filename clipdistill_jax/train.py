@@ -293,7 +293,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if config.teacher.get("cache_dir"):
     # The teacher's embeddings come from disk (teacher_cache.py): it never runs here.
     cache = teacher_cache.TeacherCache(config.teacher.cache_dir)
-    cache.check_config(config, jax.process_count())
+    cache.check_config(config, jax.process_count(),
+                       image_size=models.student_config.vision_config.image_size,
+                       context_length=models.context_length)
     loss = dataclasses.replace(loss, teacher_logit_scale=cache.teacher_logit_scale)
     models.teacher_params = None
   teacher_params = None
@@ -333,8 +335,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       image_size=models.student_config.vision_config.image_size,
       context_length=models.context_length, tokenizer=tokenizer, process_index=jax.process_index(),
       process_count=jax.process_count(), start_step=start_step)
-  cached_batches = (None if cache is None else
-                    cache.batches(start_step, process_index=jax.process_index()))
+  merge_cached = (None if cache is None else
+                  cache.merger(start_step, process_index=jax.process_index()))
 
   # --- loop ------------------------------------------------------------------------------
   writer = make_writer(workdir)
@@ -347,9 +349,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   with jax.set_mesh(mesh):
     for step in range(start_step + 1, tc.total_steps + 1):
       host_batch = next(batches)
-      if cached_batches is not None:
-        host_batch = teacher_cache.merge_cached(host_batch, next(cached_batches), step - 1)
-      batch = sharding.shard_host_batch(host_batch, mesh)
+      if merge_cached is not None:
+        host_batch = merge_cached(host_batch, step - 1)
+      batch = sharding.shard_host_batch(pipeline.without_example_fields(host_batch), mesh)
       state, metrics = step_fn(state, batch, teacher_params)
       metrics = jax.device_get(metrics)
       _check_finite(metrics, step, manager)

@@ -1,5 +1,6 @@
-"""The cached teacher: written in the trainer's order, checked, refused where it cannot
-serve a config, and read by the trainer in place of the live teacher."""
+"""The cached teacher: written in the trainer's order (step caches) or per example and
+augmented view (multi-view caches), checked, refused where it cannot serve a config, and read
+by the trainer in place of the live teacher."""
 
 import json
 
@@ -7,10 +8,12 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from test_data import png_bytes, write_jsonl
 from tiny_models import tiny_distill_config
 
 from clipdistill_jax import teacher_cache, train
 from clipdistill_jax.data import pipeline
+from clipdistill_jax.data.synthetic import SyntheticCaptions
 from clipdistill_jax.data.tokenizer import load_tokenizer
 from clipdistill_jax.models import hf
 from clipdistill_jax.perf import benchmark
@@ -80,8 +83,8 @@ def test_cache_round_trip_in_training_order(teacher_dir, tmp_path):
 def test_cached_mode_refuses_what_it_cannot_serve(teacher_dir, tmp_path):
   for overrides, message in (({"loss.weights.hidden": 0.35}, "hidden=0.35"),
                              ({"loss.weights.attention": 0.2}, "attention=0.2"),
-                             ({"data.crop_min_scale": 0.5}, "augmentation"),
-                             ({"data.flip": True}, "augmentation")):
+                             ({"data.crop_min_scale": 0.5}, "augmentation.*--views K"),
+                             ({"data.flip": True}, "augmentation.*--views K")):
     with pytest.raises(teacher_cache.TeacherCacheError, match=message):
       teacher_cache.check_cacheable(_cache_config(teacher_dir, **overrides))
   with pytest.raises(teacher_cache.TeacherCacheError, match="augmentation"):
@@ -133,3 +136,162 @@ def test_trainer_reads_the_cache_in_place_of_the_teacher(teacher_dir, tmp_path):
   config.train.total_steps, config.loss.weights.attention = 3, 0.2
   with pytest.raises(teacher_cache.TeacherCacheError, match="attention=0.2"):
     train.train(config, str(tmp_path / "attention"))
+
+
+# --- multi-view caches -------------------------------------------------------------------------
+
+VIEWS, ROWS = 3, 12
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+  """ROWS 40 px PNGs with their captions (the pipeline resizes them to the tiny 32 px)."""
+  root = tmp_path_factory.mktemp("views_data")
+  source = SyntheticCaptions(40, seed=9)
+  rows = []
+  for i in range(ROWS):
+    pixels, caption, _ = source.example(i)
+    (root / f"img{i}.png").write_bytes(png_bytes(pixels))
+    rows.append({"image": f"img{i}.png", "caption": caption})
+  write_jsonl(root / "train.jsonl", rows)
+  return str(root / "train.jsonl")
+
+
+def _views_config(teacher_dir, manifest, **overrides):
+  return _cache_config(teacher_dir, **{
+      "data.source": "manifest", "data.path": manifest, "data.image_key": "image",
+      "data.caption_key": "caption", "data.crop_min_scale": 0.5,
+      "data.flip": True, "data.seed": 2, **overrides})
+
+
+def test_views_cache_round_trip(teacher_dir, manifest, tmp_path):
+  """Every (example, view) row is the live teacher's output on the training batch that shows
+  that view; shards resume; a changed caption or crop is caught."""
+  config = _views_config(teacher_dir, manifest)
+  out = teacher_cache.write_teacher_cache(config, tmp_path / "cache", views=VIEWS,
+                                          steps_per_shard=1, log=lambda m: None)
+  manifest_json = json.loads((out / "manifest.json").read_text())
+  assert manifest_json["complete"] and manifest_json["kind"] == "views"
+  assert manifest_json["num_views"] == VIEWS and manifest_json["num_examples"] == ROWS
+  assert manifest_json["shards"] == ["teacher-views-000000000.safetensors",
+                                     "teacher-views-000000008.safetensors"]
+
+  config.data.num_views = VIEWS
+  cache = teacher_cache.TeacherCache(out)
+  cache.check_config(config, process_count=1, image_size=32, context_length=16)
+  rows = cache.lookup(np.arange(ROWS), np.zeros(ROWS, int))
+  assert rows["image_embeds"].dtype == ml_dtypes.bfloat16
+  assert rows["image_embeds"].shape == rows["text_embeds"].shape == (ROWS, 24)
+  assert rows["augmentation"].shape == (ROWS, 4) and rows["valid"].all()
+
+  models = train.build_models(config)
+  batches = pipeline.make_train_iterator(
+      config.data, global_batch_size=8, image_size=32, context_length=models.context_length,
+      tokenizer=load_tokenizer(None), process_index=0, process_count=1)
+  embed = jax.jit(lambda p, b: models.teacher.apply({"params": p}, b["image"], b["input_ids"],
+                                                     b["attention_mask"]))
+  merge = cache.merger(0)
+  # Within bf16 rounding (half an ulp: 2^-8 relative). The random tiny teacher's views of
+  # one image differ by only a few ulps, so the other views must fail the same test.
+  bf16 = dict(rtol=2 ** -8, atol=1e-5)
+  seen = set()
+  for step in range(3 * VIEWS):  # 8 of 12 rows a step: 2 * VIEWS epochs
+    batch = next(batches)
+    merged = merge(batch, step)  # checks captions and crops
+    seen |= set(zip(batch["example_id"].tolist(), batch["view"].tolist(), strict=True))
+    want = embed(models.teacher_params, pipeline.without_example_fields(batch))
+    np.testing.assert_allclose(merged["teacher_image_embeds"].astype(np.float32),
+                               want.image_embeds, **bf16)
+    np.testing.assert_allclose(merged["teacher_text_embeds"].astype(np.float32),
+                               want.text_embeds, **bf16)
+    for shift in range(1, VIEWS):
+      other = cache.lookup(batch["example_id"], (batch["view"] + shift) % VIEWS)
+      assert not np.allclose(other["image_embeds"].astype(np.float32), want.image_embeds,
+                             **bf16)
+  assert len(seen) == ROWS * VIEWS  # every stored view is used
+
+  with pytest.raises(teacher_cache.TeacherCacheError, match="crop/flip of example"):
+    cache.merge_views({**batch, "view": (batch["view"] + 1) % VIEWS}, 9)
+  changed = {**batch, "input_ids": batch["input_ids"].copy()}
+  changed["input_ids"][0, 1] += 1
+  with pytest.raises(teacher_cache.TeacherCacheError, match="caption of example"):
+    cache.merge_views(changed, 9)
+  with pytest.raises(teacher_cache.TeacherCacheError, match="example 12 view 0 is not in"):
+    cache.lookup(np.array([12]), np.array([0]))
+
+  # Resume: a lost shard is rewritten identically, the others are kept.
+  last = out / "teacher-views-000000008.safetensors"
+  before = last.read_bytes()
+  last.unlink()
+  logs = []
+  teacher_cache.write_teacher_cache(config, out, steps_per_shard=1, log=logs.append)
+  assert last.read_bytes() == before and "resuming the teacher cache at example 8" in logs[0]
+
+
+def test_views_cache_refuses_what_it_cannot_serve(teacher_dir, manifest, tmp_path):
+  out = teacher_cache.write_teacher_cache(_views_config(teacher_dir, manifest), tmp_path / "c",
+                                          views=2, steps_per_shard=1, log=lambda m: None)
+  cache = teacher_cache.TeacherCache(out)
+  good = _views_config(teacher_dir, manifest, **{"data.num_views": 2})
+  cache.check_config(good, 1, image_size=32, context_length=16)
+  # Other batch sizes, host counts and lengths of training are fine: rows are per example.
+  cache.check_config(_views_config(teacher_dir, manifest, **{
+      "data.num_views": 2, "train.batch_size": 16, "train.total_steps": 1000}), 2)
+  for overrides, message in (
+      ({}, "holds 2 augmented views.*--config.data.num_views=2"),
+      ({"data.num_views": 3}, "holds 2 augmented views"),
+      ({"data.num_views": 2, "data.seed": 5}, "data.seed differ"),
+      ({"data.num_views": 2, "data.flip": False}, "data.flip differ"),
+      ({"data.num_views": 2, "data.num_train_examples": 6}, "data.num_train_examples"),
+      ({"data.num_views": 2, "tokenizer": "/elsewhere"}, "tokenizer"),
+      ({"data.num_views": 2, "loss.weights.hidden": 0.35}, "hidden=0.35")):
+    with pytest.raises(teacher_cache.TeacherCacheError, match=message):
+      cache.check_config(_views_config(teacher_dir, manifest, **overrides), 1)
+  other_teacher = _views_config(teacher_dir, manifest, **{"data.num_views": 2})
+  other_teacher.teacher.source = str(tmp_path / "another_teacher")
+  with pytest.raises(teacher_cache.TeacherCacheError, match="teacher_source"):
+    cache.check_config(other_teacher, 1)
+  with pytest.raises(teacher_cache.TeacherCacheError, match="image_size=32.*image_size=64"):
+    cache.check_config(good, 1, image_size=64)
+  with pytest.raises(teacher_cache.TeacherCacheError, match="read by example and view"):
+    next(cache.batches())
+
+  # Writing: views need fixed example ids; steps do not apply; one K; same settings to resume.
+  with pytest.raises(teacher_cache.TeacherCacheError, match="needs a finite training set"):
+    teacher_cache.write_teacher_cache(_cache_config(teacher_dir), tmp_path / "x", views=2)
+  with pytest.raises(teacher_cache.TeacherCacheError, match="drop --num_steps"):
+    teacher_cache.write_teacher_cache(good, tmp_path / "x", num_steps=3)
+  with pytest.raises(teacher_cache.TeacherCacheError, match="--views=3 but"):
+    teacher_cache.write_teacher_cache(good, tmp_path / "x", views=3)
+  with pytest.raises(teacher_cache.TeacherCacheError, match="other settings"):
+    teacher_cache.write_teacher_cache(_views_config(teacher_dir, manifest, **{"data.seed": 1}),
+                                      out, views=2, steps_per_shard=1)
+  # A step cache cannot serve fixed views.
+  steps = teacher_cache.write_teacher_cache(_cache_config(teacher_dir), tmp_path / "steps",
+                                            num_steps=1, log=lambda m: None)
+  with pytest.raises(teacher_cache.TeacherCacheError, match="write a multi-view cache"):
+    teacher_cache.TeacherCache(steps).check_config(
+        _views_config(teacher_dir, manifest, **{"data.num_views": 2}), 1)
+
+
+def test_trainer_reads_a_views_cache_in_place_of_the_teacher(teacher_dir, manifest, tmp_path):
+  """The same augmented run twice, teacher live and from a multi-view cache: the same losses
+  up to the cache's bf16 rounding, at every step."""
+  config = _views_config(teacher_dir, manifest, **{
+      "data.num_views": VIEWS, "train.total_steps": 4, "train.log_every": 1, "eval.every": 0,
+      "train.checkpoint_every": 4})
+  cache_dir = teacher_cache.write_teacher_cache(config, tmp_path / "cache", log=lambda m: None)
+  train.train(config, str(tmp_path / "online"))
+  config.teacher.cache_dir = str(cache_dir)
+  result = train.train(config, str(tmp_path / "cached"))
+  assert result["step"] == 4
+  online, cached = (_component_losses(tmp_path / d) for d in ("online", "cached"))
+  assert sorted(cached) == [1, 2, 3, 4]
+  for step in (1, 2, 3, 4):
+    for key, value in online[step].items():
+      assert cached[step][key] == pytest.approx(value, rel=2e-2, abs=1e-4), (step, key)
+
+  # Training without the views, or with others, is refused before step 1.
+  config.data.num_views = None
+  with pytest.raises(teacher_cache.TeacherCacheError, match="--config.data.num_views=3"):
+    train.train(config, str(tmp_path / "no_views"))

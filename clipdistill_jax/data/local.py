@@ -14,6 +14,12 @@ Training order: a manifest is read in a fresh permutation every epoch, a pure fu
 (seed, host, epoch), so a resume jumps straight to (epoch, offset) without reading anything.
 TFRecords are read in a seeded file order through a seeded shuffle buffer; a resume skips
 the records already consumed (reading them, not decoding them).
+
+Example ids: a manifest's training records, and TFRecords' when data.num_train_examples fixes
+the set, carry example_id (the row's index in the manifest, or the record's index in sorted
+file order, among the first num_train_examples) and epoch (how many times this host read it
+before). *_example_records give the same examples once each, in id order (the teacher cache
+writer).
 """
 
 from __future__ import annotations
@@ -287,12 +293,17 @@ def _resolve(image_path: str, base: str) -> str:
 
 
 def _tensor_columns(rows: dict[str, list]) -> dict:
-  """read_manifest's columns as tensors; captions ragged: [rows, (captions of the row)]."""
+  """read_manifest's columns as tensors. Captions: one string a row when every row has one
+  (a record's caption is then a scalar), else ragged [rows, (captions of the row)] (rank-1)."""
   tf = import_tf()
-  columns = {"image_path": tf.constant(rows["image_path"], tf.string),
-             "caption": tf.RaggedTensor.from_row_lengths(
-                 tf.constant([c for captions in rows["caption"] for c in captions], tf.string),
-                 tf.constant([len(captions) for captions in rows["caption"]], tf.int64))}
+  captions = rows["caption"]
+  if all(len(c) == 1 for c in captions):
+    caption_column = tf.constant([c[0] for c in captions], tf.string)
+  else:
+    caption_column = tf.RaggedTensor.from_row_lengths(
+        tf.constant([c for row in captions for c in row], tf.string),
+        tf.constant([len(row) for row in captions], tf.int64))
+  columns = {"image_path": tf.constant(rows["image_path"], tf.string), "caption": caption_column}
   if "label" in rows:
     columns["label"] = tf.constant(rows["label"], tf.int64)
   return columns
@@ -308,9 +319,11 @@ def manifest_train_records(rows: dict[str, list], *, seed: int, process_index: i
                            process_count: int, start_position: int,
                            num_examples: int | None = None):
   """Endless records of this host's rows (read_manifest's), a new seeded permutation each
-  epoch; each record's caption is rank-1, the row's captions.
+  epoch; a record's caption is the row's (a scalar), or rank-1, the row's captions, when some
+  row of the manifest has several (_tensor_columns).
 
   `num_examples`: train on the manifest's first that many rows only (all hosts together).
+  Records carry position, example_id (the row's index in the manifest) and epoch.
   """
   tf = import_tf()
   rows = {k: v[:num_examples] for k, v in rows.items()}
@@ -326,11 +339,26 @@ def manifest_train_records(rows: dict[str, list], *, seed: int, process_index: i
   def epoch_records(epoch):
     order = tf.random.experimental.stateless_shuffle(
         tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(host_seed, tf.int64), epoch]))
-    return tf.data.Dataset.from_tensor_slices((epoch * n + tf.range(n, dtype=tf.int64), order))
+    return tf.data.Dataset.from_tensor_slices(
+        (epoch * n + tf.range(n, dtype=tf.int64), order, tf.fill([n], epoch)))
 
   indices = tf.data.Dataset.range(start_epoch, _NEVER).flat_map(epoch_records).skip(offset)
-  # Several captions: decode_records draws one from (seed, position), i.e. per epoch.
-  return indices.map(lambda position, i: {"position": position, **_gather_row(columns, i)})
+  # Host row i is manifest row i * process_count + process_index (round-robin deal). Several
+  # captions: decode_records draws one from (seed, position), i.e. per epoch.
+  return indices.map(lambda position, i, epoch: {
+      "position": position, "example_id": i * process_count + process_index, "epoch": epoch,
+      **_gather_row(columns, i)})
+
+
+def manifest_example_records(rows: dict[str, list], *, num_examples: int | None, start: int):
+  """Training rows (the first num_examples) once each from row `start`, in manifest order:
+  records {position, example_id, image_path, caption}. Returns (dataset, number of rows)."""
+  tf = import_tf()
+  rows = {k: v[:num_examples] for k, v in rows.items() if k != "label"}
+  total = len(rows["image_path"])
+  columns = _tensor_columns(rows)
+  ids = tf.data.Dataset.range(start, total)
+  return ids.map(lambda i: {"position": i, "example_id": i, **_gather_row(columns, i)}), total
 
 
 def manifest_eval_records(rows: dict[str, list], *, process_index: int, process_count: int):
@@ -417,14 +445,21 @@ def tfrecord_train_records(files: Sequence[str], keys: tuple[str, str, str | Non
                            num_examples: int | None = None):
   """Endless records: seeded file order per epoch, interleaved, seeded shuffle buffer.
 
-  `num_examples`: train on the first that many records (sorted files, file order) only.
+  `num_examples`: train on the first that many records (sorted files, file order) only;
+  records then carry example_id (that index) and epoch.
   """
   tf = import_tf()
   host_files, shard_records = _host_files(files, process_index, process_count)
+  parse = _parser(*keys)
   if num_examples is not None:
-    # A fixed subset: the first records in sorted file order, dealt round-robin to hosts.
-    records = tf.data.TFRecordDataset(list(files)).take(num_examples).shard(
-        process_count, process_index).repeat()
+    # A fixed subset: the first records in sorted file order, dealt round-robin to hosts,
+    # each tagged with its index and the pass over the subset it belongs to (the shuffle
+    # buffer below mixes neighbouring epochs).
+    subset = tf.data.TFRecordDataset(list(files)).take(num_examples).enumerate().shard(
+        process_count, process_index)
+    records = tf.data.Dataset.range(_NEVER).flat_map(
+        lambda epoch: subset.map(lambda i, serialized: (i, epoch, serialized)))
+    parse = _tagged(parse)
   else:
     # The same file order on every host: record-level sharding needs it.
     file_order = tf.data.Dataset.from_tensor_slices(host_files).shuffle(
@@ -437,7 +472,29 @@ def tfrecord_train_records(files: Sequence[str], keys: tuple[str, str, str | Non
   if shuffle_buffer > 1:
     records = records.shuffle(shuffle_buffer, seed=_host_seed(seed, process_index))
   records = records.enumerate().skip(start_position)
-  return records.map(_parser(*keys), num_parallel_calls=num_parallel_calls, deterministic=True)
+  return records.map(parse, num_parallel_calls=num_parallel_calls, deterministic=True)
+
+
+def _tagged(parse):
+  """A parser of (position, (example_id, epoch, serialized)) elements."""
+  def parse_tagged(position, tagged):
+    example_id, epoch, serialized = tagged
+    return {**parse(position, serialized), "example_id": example_id, "epoch": epoch}
+  return parse_tagged
+
+
+def tfrecord_example_records(files: Sequence[str], keys: tuple[str, str, str | None], *,
+                             num_examples: int, start: int):
+  """The first num_examples records (sorted files, file order) once each from index
+  `start`: records {position, example_id, image, caption}. Returns (dataset, number of
+  records), counting them (a read of the files) when the files hold fewer."""
+  tf = import_tf()
+  subset = tf.data.TFRecordDataset(list(files)).take(num_examples)
+  total = int(subset.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+  parse = _parser(*keys)
+  records = subset.enumerate().skip(start).map(
+      lambda i, serialized: {**parse(i, serialized), "example_id": i})
+  return records, total
 
 
 def tfrecord_eval_records(files: Sequence[str], keys: tuple[str, str, str | None], *,

@@ -32,6 +32,16 @@ Images that cannot be read or decoded are dropped and counted (`it.num_skipped`,
 one exactly when no image was dropped before start_step; otherwise it starts as many records
 early as were dropped (knowing which skipped records were unreadable would mean decoding
 them). Augmentation is seeded by each record's position, so it resumes identically too.
+
+Fixed augmented views (data.num_views = K; manifests, and TFRecords with
+data.num_train_examples): example i has K augmentations, view v's crop box and flip a pure
+function of (data.seed, i, v) (tf_pipeline.view_augmentation), and in its e-th epoch it shows
+view pick_view(data.seed, e, i, K), every view once per K epochs. Batches then also carry
+    example_id      int64   [b]           manifest row / TFRecord index
+    view            int32   [b]           in [0, K)
+    augmentation    int32   [b, 4]        crop top, left, side (pixels of the S x S image), flip
+which the teacher cache reads (teacher_cache.py) and without_example_fields drops before
+the model. The same examples in the same order as without views; only the crops differ.
 tf.data iterators are closed at interpreter exit (or by `it.close()`).
 
 Evaluation (make_eval_dataset) reads a finite split once per iteration, unshuffled, keeps
@@ -84,6 +94,9 @@ _DEFAULTS: dict[str, Any] = {
     # augmentation (training only; off by default: a flip contradicts "on the left" captions)
     "crop_min_scale": 1.0,  # < 1: random square crop of at least this area fraction
     "flip": False,
+    # None: a fresh crop/flip every read. K: K fixed augmented views per example, one per
+    # epoch (module docstring); what a multi-view teacher cache stores (teacher_cache.py)
+    "num_views": None,
     # unreadable images; larger ones are skipped too (PIL's decompression-bomb limit; None or
     # 0: no limit, 0 being what a command line can say)
     "max_image_pixels": preprocess.DEFAULT_MAX_IMAGE_PIXELS,
@@ -108,7 +121,8 @@ _DEFAULTS: dict[str, Any] = {
 _OPTIONAL_TYPES = {"name": str, "data_dir": str, "path": str, "eval_path": str,
                    "image_key": str, "caption_key": str, "label_key": str,
                    "manifest_quoting": str,
-                   "class_names": tuple, "num_threads": int, "num_train_examples": int}
+                   "class_names": tuple, "num_threads": int, "num_train_examples": int,
+                   "num_views": int}
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -149,6 +163,9 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
                      "(unquoted, as CC3M's TSVs), 'csv' (pandas / Python csv quoting) or None "
                      "('none' for .tsv, 'csv' for .csv).")
   preprocess.check_max_image_pixels(cfg.max_image_pixels, "data.max_image_pixels")
+  if cfg.num_views is not None and cfg.num_views < 1:
+    raise ValueError(f"data.num_views={cfg.num_views} must be >= 1 (or None for a fresh "
+                     "augmentation every read).")
   if cfg.source in ("manifest", "tfrecord") and not cfg.path:
     raise ValueError(f"data.source={cfg.source!r} needs data.path.")
   return cfg
@@ -168,6 +185,32 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
   return int(process_index), int(process_count)
+
+
+def check_views(cfg) -> None:
+  """data.num_views needs a finite training set whose examples have fixed ids: a manifest, or
+  TFRecords with data.num_train_examples. Raises ValueError naming the fix otherwise."""
+  if cfg.num_views is None:
+    return
+  fix = None
+  if cfg.source == "synthetic":
+    fix = ("the synthetic source has no augmentation to fix; unset data.num_views")
+  elif cfg.source == "tfds":
+    fix = ("tfds streams carry no fixed example ids; write the split to TFRecords (with "
+           "data.num_train_examples) or a manifest, or unset data.num_views")
+  elif cfg.source == "tfrecord" and cfg.num_train_examples is None:
+    fix = ("an unbounded TFRecord stream has no fixed example ids; set "
+           "data.num_train_examples (e.g. to the number of records)")
+  if fix:
+    raise ValueError(f"data.num_views={cfg.num_views} needs a finite training set with fixed "
+                     f"example ids (source={cfg.source!r}): {fix}.")
+
+
+def without_example_fields(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The batch without example_id / view / augmentation: what the model step takes."""
+  from clipdistill_jax.data.tf_pipeline import EXAMPLE_FIELDS
+
+  return {k: v for k, v in batch.items() if k not in EXAMPLE_FIELDS}
 
 
 # --- synthetic ------------------------------------------------------------------------------
@@ -252,11 +295,13 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
                         process_count: int | None = None, start_step: int = 0):
   """An endless iterator of this host's training batches, starting at `start_step`.
 
-  Returns an iterator of dicts {image, input_ids, attention_mask} (module docstring) with
-  `num_read`, `num_skipped` (unreadable images dropped on this host) and `metrics()`.
-  process_index / process_count default to jax's.
+  Returns an iterator of dicts {image, input_ids, attention_mask} (+ example_id, view,
+  augmentation with data.num_views; module docstring) with `num_read`, `num_skipped`
+  (unreadable images dropped on this host) and `metrics()`. process_index / process_count
+  default to jax's.
   """
   cfg = resolve_data_config(data_config)
+  check_views(cfg)
   process_index, process_count = _processes(process_index, process_count)
   if global_batch_size < process_count or global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
@@ -312,7 +357,7 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
   settings = tf_pipeline.DecodeSettings(
       image_size=image_size, seed=cfg.seed, train=True, num_templates=len(cfg.templates),
       crop_min_scale=cfg.crop_min_scale, flip=cfg.flip, max_image_pixels=cfg.max_image_pixels,
-      **hosts)
+      num_views=cfg.num_views, **hosts)
   batches = tf_pipeline.train_batches(
       records, settings, batch_size=local_batch_size, limits=_limits(cfg),
       num_parallel_calls=cfg.num_parallel_calls, prefetch=cfg.prefetch,
@@ -321,6 +366,55 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
       batches, tokenizer=tokenizer, context_length=context_length,
       captions=caption_fn(class_names, cfg.templates), limits=_limits(cfg), where=where,
       local_batch_size=local_batch_size, class_names=class_names)
+
+
+def make_views_iterator(data_config, *, global_batch_size: int, image_size: int,
+                        context_length: int, tokenizer, process_index: int | None = None,
+                        process_count: int | None = None, start_example: int = 0):
+  """Every view of every training example once, for the teacher cache writer.
+
+  Global batch g holds examples start_example + g*B + [0, B) in id order, each with all
+  data.num_views views; this host gets its rows [p*b, (p+1)*b) (tf_pipeline.TFViewsIterator:
+  image [b,K,S,S,3], augmentation [b,K,4], example_id (-1: padding), ok, input_ids,
+  attention_mask); nothing from start_example >= the training set's size (`num_examples`
+  on the iterator). The images and
+  crops are the training pipeline's (same decode, tf_pipeline.view_augmentation); unreadable
+  images come with ok=False instead of being dropped. TFRecords have no random access: they
+  are counted once, and every host reads (not decodes) all records from start_example.
+  """
+  cfg = resolve_data_config(data_config)
+  process_index, process_count = _processes(process_index, process_count)
+  if cfg.num_views is None:
+    raise ValueError("make_views_iterator needs data.num_views.")
+  check_views(cfg)
+  if global_batch_size < process_count or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                     f"process_count={process_count}.")
+  from clipdistill_jax.data import local, tf_pipeline
+
+  if cfg.source == "manifest":
+    rows = local.read_manifest(cfg.path, image_key=cfg.image_key, caption_key=cfg.caption_key)
+    records, total = local.manifest_example_records(rows, num_examples=cfg.num_train_examples,
+                                                    start=start_example)
+  else:
+    files = local.list_tfrecords(cfg.path)
+    keys = local.tfrecord_features(files, image_key=cfg.image_key, caption_key=cfg.caption_key,
+                                   label_key=None)
+    records, total = local.tfrecord_example_records(
+        files, keys, num_examples=cfg.num_train_examples, start=start_example)
+  if start_example < 0:
+    raise ValueError(f"start_example={start_example} must be >= 0.")
+  settings = tf_pipeline.DecodeSettings(
+      image_size=image_size, seed=cfg.seed, train=True, num_templates=len(cfg.templates),
+      crop_min_scale=cfg.crop_min_scale, flip=cfg.flip, num_views=cfg.num_views,
+      all_views=True, process_index=process_index, process_count=process_count)
+  batches = tf_pipeline.views_batches(
+      records, settings, num_examples=total, start=start_example,
+      global_batch_size=global_batch_size, num_parallel_calls=cfg.num_parallel_calls,
+      num_threads=cfg.num_threads)
+  return tf_pipeline.TFViewsIterator(
+      batches, tokenizer=tokenizer, context_length=context_length,
+      captions=caption_fn(cfg.class_names, cfg.templates), num_examples=total)
 
 
 def make_eval_dataset(data_config, *, batch_size: int, image_size: int, context_length: int,

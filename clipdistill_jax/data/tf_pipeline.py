@@ -3,6 +3,9 @@
 Every tf.data source (tfds, manifest, TFRecord) yields *records*: dicts with
   position  int64  the record's place in this host's stream (0, 1, 2, ... from the stream's
                    first record, whatever start offset was skipped), seeds its augmentation;
+  example_id int64 the example's fixed index in a finite training set (manifest row, TFRecord
+                   record), and epoch int64 how many times it was read before: records of
+                   finite sets carry both, and data.num_views needs them (below);
   image     string encoded bytes, or uint8 [H, W, 3] already decoded pixels;
   image_path string instead of `image`, a file to read (manifests);
   caption   string, or rank-1 strings (several captions: one is drawn per use); empty or
@@ -14,6 +17,16 @@ as everything else (preprocess.tf_preprocess); a record whose file is missing or
 do not decode is dropped and counted, never passed on and never fatal, unless so many fail
 that the data is evidently wrong (TooManyCorruptImagesError). Captions are tokenized on the
 host in Python (the tokenizer is transformers' Rust one) after batching.
+
+Augmentation (training only): a random square crop resized back to S x S, then a random
+horizontal flip, both described by four int32 numbers (AUGMENTATION_COLUMNS: crop top, left
+and side in pixels of the preprocessed S x S image, flip 0/1) that augmentation_params draws
+and apply_augmentation applies. Their seed is either
+  * the record's position (data.num_views None): a new crop every time an example is read;
+  * (data.seed, example_id, view) with view = pick_view(data.seed, epoch, example_id, K)
+    (data.num_views = K): each example has K fixed augmented views, and each epoch shows one
+    of them, so a teacher cache can hold the teacher's output for every view in advance
+    (teacher_cache.py). Batches then also carry example_id, view and augmentation.
 
 TensorFlow is imported only here and in the tf sources, so the synthetic path never pays
 for it; it is kept off the GPUs, which belong to JAX.
@@ -107,6 +120,96 @@ class DecodeSettings:
   crop_min_scale: float = 1.0
   flip: bool = False
   max_image_pixels: int | None = preprocess.DEFAULT_MAX_IMAGE_PIXELS
+  num_views: int | None = None  # K fixed augmented views per example (module docstring)
+  all_views: bool = False  # every view of each example at once (the teacher cache writer)
+
+
+AUGMENTATION_COLUMNS = ("top", "left", "side", "flip")
+# Per-example fields of training batches besides the model inputs (data.num_views only).
+EXAMPLE_FIELDS = ("example_id", "view", "augmentation")
+
+
+# --- augmentation ---------------------------------------------------------------------------
+
+
+def augmentation_params(crop_seed, flip_seed, *, image_size: int, crop_min_scale: float,
+                        flip: bool):
+  """One augmentation drawn from two stateless seeds: int32 [4] (AUGMENTATION_COLUMNS).
+
+  Crop: a square of area fraction uniform in [crop_min_scale, 1] of the S x S image (S =
+  image_size), side rounded to whole pixels, top/left uniform over the positions that keep
+  it inside; crop_min_scale = 1 gives (0, 0, S). Flip: 1 with probability 1/2 when `flip`,
+  else 0. crop_seed, flip_seed: int [2] seeds of tf.random's stateless ops.
+  """
+  tf = import_tf()
+  size = image_size
+  if crop_min_scale < 1.0:
+    u = tf.random.stateless_uniform([3], crop_seed)
+    area = crop_min_scale + (1.0 - crop_min_scale) * u[0]
+    side = tf.clip_by_value(tf.cast(tf.round(size * tf.sqrt(area)), tf.int32), 1, size)
+    span = tf.cast(size - side + 1, tf.float32)
+    top = tf.minimum(tf.cast(u[1] * span, tf.int32), size - side)
+    left = tf.minimum(tf.cast(u[2] * span, tf.int32), size - side)
+  else:
+    top, left, side = tf.constant(0), tf.constant(0), tf.constant(size)
+  flipped = (tf.cast(tf.random.stateless_uniform([], flip_seed) < 0.5, tf.int32) if flip
+             else tf.constant(0))
+  return tf.stack([top, left, side, flipped])
+
+
+def _view_key(seed, example_id, purpose: int, index):
+  """A stateless seed [2] for (data seed, example, purpose, index); purposes keep the view
+  draws and the crops of one example independent."""
+  tf = import_tf()
+  key = tf.stack([tf.cast(seed, tf.int64), tf.cast(example_id, tf.int64)])
+  key = tf.random.experimental.stateless_fold_in(key, tf.constant(purpose, tf.int64))
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(index, tf.int64))
+
+
+def view_augmentation(seed, example_id, view, *, image_size: int, crop_min_scale: float,
+                      flip: bool):
+  """The augmentation of view `view` of example `example_id`: int32 [4] (AUGMENTATION_COLUMNS),
+  a pure function of (data seed, example id, view). The training pipeline and the teacher
+  cache writer both draw views here."""
+  tf = import_tf()
+  crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(_view_key(seed, example_id, 0, view), 2))
+  return augmentation_params(crop_seed, flip_seed, image_size=image_size,
+                             crop_min_scale=crop_min_scale, flip=flip)
+
+
+def pick_view(seed, epoch, example_id, num_views: int):
+  """The view (int32 in [0, num_views)) example `example_id` shows in epoch `epoch`.
+
+  Epochs go in rounds of K = num_views: round r = epoch // K shows the K views in an order
+  seeded by (data seed, example id, r), so every view is used once per K epochs and the
+  choice is a pure function of (data seed, epoch, example id).
+  """
+  tf = import_tf()
+  epoch = tf.cast(epoch, tf.int64)
+  order = tf.random.experimental.stateless_shuffle(
+      tf.range(num_views, dtype=tf.int32), seed=_view_key(seed, example_id, 1, epoch // num_views))
+  return order[epoch % num_views]
+
+
+def apply_augmentation(image, params, *, crop: bool, flip: bool):
+  """image float32 [S, S, 3] cropped to params' box and resized back (bilinear), then
+  mirrored left-right where params' flip is 1. crop / flip False skip those ops (their
+  params are then the identity anyway).
+
+  Applied after normalization: crop, bilinear resize and flip are linear, so they commute
+  with it.
+  """
+  tf = import_tf()
+  size = image.shape[0]
+  if crop:
+    top, left, side = params[0], params[1], params[2]
+    cropped = tf.slice(image, tf.stack([top, left, 0]), tf.stack([side, side, 3]))
+    image = tf.image.resize(cropped[None], [size, size], method="bilinear")[0]
+    image.set_shape([size, size, 3])
+  if flip:
+    image = tf.cond(params[3] > 0, lambda: tf.reverse(image, axis=[1]), lambda: image)
+  return image
 
 
 # --- per-record decoding ----------------------------------------------------------------------
@@ -116,11 +219,25 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
   """records -> examples {image float32 [S,S,3], ok, position, caption | label, template_index}
   (evaluation: also `captions`, rank-1, every non-empty caption of the record).
 
-  Never raises for a bad image: `ok` is False instead (and the image zeros); also False for a
-  record whose captions are all empty or whitespace.
+  With settings.num_views (train only) examples also carry example_id, view and augmentation
+  int32 [4]; with settings.all_views instead image [K,S,S,3] and augmentation [K,4], every
+  view of the example. Never raises for a bad image: `ok` is False instead (and the image
+  zeros); also False for a record whose captions are all empty or whitespace.
   """
   tf = import_tf()
   size = settings.image_size
+  views = settings.num_views if settings.train else None
+  augment = dict(image_size=size, crop_min_scale=settings.crop_min_scale, flip=settings.flip)
+  apply = dict(crop=settings.crop_min_scale < 1.0, flip=settings.flip)
+  if views is not None:
+    keys = set(records.element_spec)
+    if not {"example_id", "epoch"} <= keys and not (settings.all_views and "example_id" in keys):
+      raise ValueError("data.num_views needs records with fixed example ids (a manifest, or "
+                       "TFRecords with data.num_train_examples set).")
+    if records.element_spec.get("caption") is None:
+      raise ValueError("data.num_views caches one teacher text embedding per example, so each "
+                       "example needs exactly one caption (not a class label); unset "
+                       "data.num_views for this data.")
 
   def load(image_or_path, from_path: bool):
     encoded = tf.io.read_file(image_or_path) if from_path else image_or_path
@@ -139,6 +256,21 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
     fallback = tf.data.Dataset.from_tensors((tf.zeros([size, size, 3]), tf.constant(False)))
     return attempt.concatenate(fallback).take(1).get_single_element()
 
+  def augment_views(record, image, example):
+    example_id = record["example_id"]
+    example["example_id"] = example_id
+    if settings.all_views:
+      params = tf.stack([view_augmentation(settings.seed, example_id, v, **augment)
+                         for v in range(views)])
+      example["image"] = tf.stack([apply_augmentation(image, params[v], **apply)
+                                   for v in range(views)])
+    else:
+      view = pick_view(settings.seed, record["epoch"], example_id, views)
+      params = view_augmentation(settings.seed, example_id, view, **augment)
+      example["image"] = apply_augmentation(image, params, **apply)
+      example["view"] = view
+    example["augmentation"] = params
+
   def decode(record: dict[str, Any]) -> dict[str, Any]:
     from_path = "image_path" in record
     image, ok = guarded_load(record["image_path"] if from_path else record["image"], from_path)
@@ -146,8 +278,11 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
                      record["position"] * settings.process_count + settings.process_index])
     crop_seed, flip_seed, text_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     example = {"image": image, "ok": ok, "position": record["position"]}
-    if settings.train:
-      example["image"] = _augment(image, crop_seed, flip_seed, settings)
+    if views is not None:
+      augment_views(record, image, example)
+    elif settings.train:
+      params = augmentation_params(crop_seed, flip_seed, **augment)
+      example["image"] = apply_augmentation(image, params, **apply)
     if "caption" in record:
       captions = record["caption"]
       if captions.shape.rank == 0:
@@ -161,8 +296,10 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
       # the record's position, so of the epoch: resumes draw the same); evaluation takes the
       # first as `caption` and keeps them all as `captions` (retrieval counts every one).
       pick = (tf.random.stateless_uniform([], text_seed, 0, tf.maximum(count, 1), tf.int32)
-              if settings.train else 0)
-      example["ok"] = example["ok"] & (count > 0)
+              if settings.train and views is None else 0)
+      # With fixed views one teacher text embedding serves each example: a record with
+      # several captions cannot be served, so it is dropped and counted like an unreadable one.
+      example["ok"] = example["ok"] & ((count == 1) if views is not None else (count > 0))
       example["caption"] = tf.gather(tf.concat([captions, [""]], axis=0), pick)
       if not settings.train:
         example["captions"] = captions
@@ -174,30 +311,6 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
     return example
 
   return records.map(decode, num_parallel_calls=num_parallel_calls, deterministic=True)
-
-
-def _augment(image, crop_seed, flip_seed, settings: DecodeSettings):
-  """Random square crop (area fraction >= crop_min_scale) resized back, then random flip.
-
-  Applied after normalization: crop, bilinear resize and flip are linear, so they commute
-  with it. Seeds come from the record's position, so a resumed run augments identically.
-  """
-  tf = import_tf()
-  size = settings.image_size
-  if settings.crop_min_scale < 1.0:
-    u = tf.random.stateless_uniform([3], crop_seed)
-    area = settings.crop_min_scale + (1.0 - settings.crop_min_scale) * u[0]
-    side = tf.clip_by_value(tf.cast(tf.round(size * tf.sqrt(area)), tf.int32), 1, size)
-    span = tf.cast(size - side + 1, tf.float32)
-    top = tf.minimum(tf.cast(u[1] * span, tf.int32), size - side)
-    left = tf.minimum(tf.cast(u[2] * span, tf.int32), size - side)
-    crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([side, side, 3]))
-    image = tf.image.resize(crop[None], [size, size], method="bilinear")[0]
-    image.set_shape([size, size, 3])
-  if settings.flip:
-    flipped = tf.random.stateless_uniform([], flip_seed) < 0.5
-    image = tf.cond(flipped, lambda: tf.reverse(image, axis=[1]), lambda: image)
-  return image
 
 
 # --- training batches -----------------------------------------------------------------------
@@ -232,9 +345,11 @@ def count_and_filter(examples, limits: CorruptLimits):
 class TFTrainIterator:
   """Endless per-host training batches from a tf.data pipeline.
 
-  Yields {image float32 [b,S,S,3], input_ids int32 [b,L], attention_mask int32 [b,L]}.
-  `num_read` / `num_skipped` count the images this host has decoded / dropped as unreadable
-  since the iterator was made (`metrics()` returns them for logging).
+  Yields {image float32 [b,S,S,3], input_ids int32 [b,L], attention_mask int32 [b,L]}, plus
+  with data.num_views example_id int64 [b], view int32 [b] and augmentation int32 [b, 4]
+  (AUGMENTATION_COLUMNS). `num_read` / `num_skipped` count the images this host has
+  decoded / dropped as unreadable since the iterator was made (`metrics()` returns them for
+  logging).
   """
 
   def __init__(self, batches, *, tokenizer, context_length: int, captions: CaptionFn,
@@ -262,7 +377,8 @@ class TFTrainIterator:
       raise TooManyCorruptImagesError(
           self._limits.message(self.num_read, self.num_skipped, self._where))
     input_ids, attention_mask = self._tokenizer(self._captions(batch), self._context_length)
-    return {"image": batch["image"], "input_ids": input_ids, "attention_mask": attention_mask}
+    return {"image": batch["image"], "input_ids": input_ids, "attention_mask": attention_mask,
+            **{k: batch[k] for k in EXAMPLE_FIELDS if k in batch}}
 
   def close(self) -> None:
     """Stops the tf.data pipeline now (it is also stopped at interpreter exit)."""
@@ -294,3 +410,63 @@ def eval_chunks(records, settings: DecodeSettings, *, chunk_size: int,
   # ragged: `captions` differ in number from record to record (numpy: object arrays).
   chunks = examples.ragged_batch(chunk_size, drop_remainder=False).prefetch(2)
   return chunks.with_options(dataset_options(num_threads))
+
+
+# --- every view of every example (the teacher cache writer) ---------------------------------
+
+
+class TFViewsIterator:
+  """Finite per-host batches of consecutive examples with all their views, unfiltered.
+
+  Yields {image float32 [b,K,S,S,3], augmentation int32 [b,K,4], example_id int64 [b] (-1:
+  padding that completes the last global batch), ok bool [b] (False: the image could not be
+  read; its row is zeros), input_ids int32 [b,L], attention_mask int32 [b,L]}.
+  """
+
+  def __init__(self, batches, *, tokenizer, context_length: int, captions: CaptionFn,
+               num_examples: int):
+    self._batches = NumpyIterator(batches)
+    self._tokenizer = tokenizer
+    self._context_length = context_length
+    self._captions = captions
+    self.num_examples = num_examples
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._batches)
+    input_ids, attention_mask = self._tokenizer(self._captions(batch), self._context_length)
+    return {"image": batch["image"], "augmentation": batch["augmentation"],
+            "example_id": batch["example_id"], "ok": batch["ok"], "input_ids": input_ids,
+            "attention_mask": attention_mask}
+
+  def close(self) -> None:
+    self._batches.close()
+
+
+def views_batches(records, settings: DecodeSettings, *, num_examples: int, start: int,
+                  global_batch_size: int, num_parallel_calls: int, num_threads: int | None):
+  """This host's rows of global batches of consecutive examples [start, num_examples).
+
+  `records`: the examples from id `start` on, in id order, each with example_id. Global
+  batch g holds examples start + g*B + [0, B), host p its rows [p*b, (p+1)*b); the last
+  batch is completed with padding rows (example_id -1) so every host yields as many batches.
+  Nothing when start >= num_examples.
+  """
+  tf = import_tf()
+  b = global_batch_size // settings.process_count
+  p = settings.process_index
+  remaining = num_examples - start
+  if remaining <= 0:
+    empty = decode_records(records.take(0), settings, num_parallel_calls).batch(b)
+    return empty.with_options(dataset_options(num_threads))
+  last = -(-remaining // global_batch_size) - 1  # index of the last global batch
+  real_in_last = min(max(remaining - last * global_batch_size - p * b, 0), b)
+  mine = records.filter(
+      lambda r: (r["example_id"] - start) % global_batch_size // b == p)
+  padding = records.take(1).map(lambda r: {**r, "example_id": tf.constant(-1, tf.int64)})
+  mine = mine.concatenate(padding.repeat(b - real_in_last))
+  examples = decode_records(mine, settings, num_parallel_calls)
+  batches = examples.batch(b, drop_remainder=True).prefetch(1)
+  return batches.with_options(dataset_options(num_threads))
