@@ -64,7 +64,10 @@ def _recipe(config: dict[str, Any] | None) -> str:
   active = ", ".join(f"{k} {v:g}" for k, v in sorted(weights.items())
                      if isinstance(v, (int, float)) and v) or "-"
   source = config_value(config, "data.source", "?")
-  where = config_value(config, "data.name") or config_value(config, "data.path")
+  # data.name is only meaningful for tfds and data.path for files; the other stays a default.
+  where = (config_value(config, "data.name") if source == "tfds"
+           else config_value(config, "data.path") if source in ("manifest", "tfrecord")
+           else None)
   examples = config_value(config, "data.num_train_examples")
   lines = [f"- recipe: `{recipe}`; loss weights: {active}",
            f"- data: `{source}`" + (f" ({where})" if where else "")

@@ -196,4 +196,5 @@ def run_eval_set(run_config: dict, image_size: int, max_examples: int | None = 1
   pixels = np.concatenate(images)
   return ZeroShotSet(pixels, np.concatenate(labels), prompts,
                      f"the run's zero-shot set {names[0]!r} ({len(pixels)} images, "
-                     f"{len(templates)} templates per class)", len(templates))
+                     f"{len(templates)} template{'s' if len(templates) > 1 else ''} per class)",
+                     len(templates))
