@@ -114,6 +114,19 @@ def test_train_and_ablation_workdirs(tmp_path):
   assert (run.kind, run.run_dir) == ("ablation", runs / "clip_kd-s10-seed0")
 
 
+def test_ablation_run_config_from_its_folder_name(tmp_path):
+  runs = tmp_path / "ablation" / "runs"
+  for name in ("clip_kd-s10-seed2", "no_teacher-s10-seed0"):
+    (runs / name / "checkpoints").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(json.dumps({**RUN_CONFIG, "mode": "ablation"}))
+  config = run_dir.resolve_run(tmp_path, "clip_kd-s10-seed2").run_config()
+  assert (config["loss"]["recipe"], config["seed"], config["train"]["total_steps"]) == (
+      "clip_kd", 2, 10)
+  assert config["loss"]["weights"]["fd"] > 0 and RUN_CONFIG["loss"]["recipe"] == "clip_kd"
+  baseline = run_dir.resolve_run(tmp_path, "no_teacher-s10-seed0").run_config()
+  assert baseline["loss"]["weights"] is None and baseline["teacher"]["source"] is None
+
+
 def test_empty_or_unrecognised_workdir_says_what_it_found(tmp_path, capsys):
   with pytest.raises(run_dir.RunNotFoundError, match="it is empty.*train first"):
     run_dir.resolve_run(tmp_path)
@@ -155,7 +168,8 @@ def test_model_card(experiment, exported_experiment):
   assert "license: mit" in header and "library_name: transformers" in header
   assert "pipeline_tag: zero-shot-image-classification" in header
   # The experiment's own teacher is a local folder: named in the text, not as base_model.
-  assert "base_model" not in header and f"(teacher: `{experiment / 'teacher' / 'hf'}`)" in card
+  assert "base_model" not in header
+  assert f"a CLIP student distilled from `{experiment / 'teacher' / 'hf'}`" in card
   assert "- knowledge-distillation" in header
   for row in RESULT_ROWS:
     assert row["model"] in card
@@ -199,7 +213,9 @@ def test_stage_and_random_teacher_through_the_script(experiment, tmp_path, capsy
                          "no_teacher", "--random-teacher", "--no-benchmark"]) == 0
   printed = capsys.readouterr().out
   assert f"step 2 of {experiment} (experiment, no_teacher) exported" in printed
-  assert "**Student-NoTeacher** row" in (out / "README.md").read_text()
+  card = (out / "README.md").read_text()
+  assert "**Student-NoTeacher** row" in card and "without a teacher" in card
+  assert "base_model" not in card
 
 
 def test_missing_teacher_falls_back_to_a_labelled_random_model(exported_experiment, tmp_path):

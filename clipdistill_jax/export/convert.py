@@ -158,10 +158,14 @@ def export_all(config: CLIPConfig, params: Any, out: str | Path, *,
   report["ok"] = not failures
   report["failures"] = failures
   (out / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+  card_teacher = teacher_source
+  if run is not None:
+    # --random-teacher changes the table only: the card still names the run's teacher. The
+    # teacher itself and a no-teacher baseline have none to name.
+    card_teacher = None if _untaught(run) else (teacher_source or run.teacher_source())
   report["model_card"] = str(model_card.write_model_card(
-      out, report, config=run.config if run else None, results=run.results() if run else None,
-      teacher_source=teacher_source if teacher_source else (
-          run.teacher_source() if run else None),
+      out, report, config=run.run_config() if run else None,
+      results=run.results() if run else None, teacher_source=card_teacher,
       stage=run.stage if run else None, image_size=config.vision_config.image_size,
       context_length=config.text_config.max_position_embeddings))
   if failures:
@@ -216,6 +220,13 @@ def convert_workdir(workdir: str | Path, out: str | Path, step: int | None = Non
                 notes=notes)
   (Path(out) / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
   return report
+
+
+def _untaught(run: RunDir) -> bool:
+  """The run learnt from no teacher: an experiment's teacher or no-teacher stage, or an
+  ablation's no-teacher runs."""
+  return run.stage in ("teacher", "no_teacher") or (
+      run.kind == "ablation" and (run.stage or "").startswith("no_teacher-"))
 
 
 def _run_tokenizer(run: RunDir) -> str | None:

@@ -60,9 +60,10 @@ def _recipe(config: dict[str, Any] | None) -> str:
   if not config:
     return "The run's config.json was not found, so the recipe is unknown."
   recipe = config_value(config, "loss.recipe") or "none (loss.weights as configured)"
-  weights = config_value(config, "loss.weights", {}) or {}
-  active = ", ".join(f"{k} {v:g}" for k, v in sorted(weights.items())
-                     if isinstance(v, (int, float)) and v) or "-"
+  weights = config_value(config, "loss.weights")
+  active = "unknown" if weights is None else ", ".join(
+      f"{k} {v:g}" for k, v in sorted(weights.items()) if isinstance(v, (int, float)) and v
+  ) or "-"
   source = config_value(config, "data.source", "?")
   # data.name is only meaningful for tfds and data.path for files; the other stays a default.
   where = (config_value(config, "data.name") if source == "tfds"
@@ -156,14 +157,18 @@ def write_model_card(out: str | Path, report: dict[str, Any], *,
   tags = ["clip", "knowledge-distillation", "jax", "flax", "zero-shot-image-classification"]
   has_onnx, has_litert = "onnx" in report, "litert" in report
   tags += (["onnx"] if has_onnx else []) + (["tflite", "litert"] if has_litert else [])
-  what = {"teacher": "the teacher trained by the experiment",
-          "no_teacher": "the no-teacher baseline student (contrastive loss only)"}.get(
-              stage or "", "a CLIP student distilled from its teacher")
-  teacher = f"`{teacher_source}`" if teacher_source else "an unrecorded teacher"
+  if stage == "teacher":
+    what = "the teacher the experiment trained first (contrastive loss on all its data)"
+  elif stage == "no_teacher" or (stage or "").startswith("no_teacher-"):
+    what = ("the baseline student trained without a teacher (contrastive loss only; same "
+            "shape, data, steps and seed as the distilled one)")
+  else:
+    what = "a CLIP student distilled from " + (f"`{teacher_source}`" if teacher_source
+                                               else "an unrecorded teacher")
   body = [
       _metadata(teacher_source, license_id, tags), "",
       "# Distilled CLIP student", "",
-      f"This is {what} (teacher: {teacher}), trained with clipdistill_jax and exported to "
+      f"This is {what}, trained with clipdistill_jax and exported to "
       "Hugging Face transformers" + (", ONNX" if has_onnx else "")
       + (" and LiteRT" if has_litert else "") + ".", "",
       "## Results", "", _results_table(results, stage), "",

@@ -20,8 +20,10 @@ Only the standard library and numpy here; JAX is imported by the loaders that ne
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,40 @@ class RunDir:
       return None
     data = json.loads(path.read_text(encoding="utf-8"))
     return data.get("rows", data) if isinstance(data, dict) else data
+
+  def run_config(self) -> dict[str, Any] | None:
+    """The config this run trained with, as far as the workdir tells: WORKDIR/config.json,
+    with an ablation run's recipe, steps and seed (from its folder name) applied, since the
+    ablation writes only the root config. A recipe whose name the folder mangled (knob
+    changes after a colon) keeps its name and loses its weights (None: unknown)."""
+    if self.kind != "ablation" or not self.config or self.stage is None:
+      return self.config
+    match = re.fullmatch(r"(.+)-s(\d+)-seed(\d+)", self.stage)
+    if not match:
+      return self.config
+    recipe, steps, seed = match.group(1), int(match.group(2)), int(match.group(3))
+    config = copy.deepcopy(self.config)
+    config.setdefault("train", {})["total_steps"] = steps
+    config["seed"] = seed
+    loss = config.setdefault("loss", {})
+    if recipe == "no_teacher":
+      loss.update(recipe="none: no teacher, contrastive loss only", weights=None)
+      config.setdefault("teacher", {})["source"] = None
+      return config
+    from clipdistill_jax import recipes
+    try:
+      overrides = recipes.recipe_overrides(recipe)
+    except ValueError:
+      loss.update(recipe=f"{recipe} (the ablation folder's name)", weights=None)
+      return config
+    for dotted, value in overrides.items():
+      *parents, last = dotted.split(".")
+      node = config
+      for key in parents:
+        node = node.setdefault(key, {})
+      node[last] = value
+    loss["recipe"] = recipe
+    return config
 
   def teacher_source(self) -> str | None:
     """The teacher this run distilled from: the experiment's trained teacher (teacher/hf)
@@ -115,10 +151,12 @@ def _listing(root: Path, limit: int = 12) -> str:
   return f"it holds {shown}"
 
 
-def _no_run(root: Path) -> RunNotFoundError:
+def _no_run(root: Path, config: dict[str, Any] | None) -> RunNotFoundError:
+  mode = config_value(config, "mode")
+  started = f" (config.json says mode {mode!r}: has it saved a checkpoint yet?)" if mode else ""
   return RunNotFoundError(
-      f"no training run in {root}: {_listing(root)}. Expected checkpoints/ (mode 'train'), "
-      f"distilled/ no_teacher/ teacher/ (mode 'experiment') or {ABLATION_RUNS}/ (mode "
+      f"no training run in {root}: {_listing(root)}{started}. Expected checkpoints/ (mode "
+      f"'train'), distilled/ no_teacher/ teacher/ (mode 'experiment') or {ABLATION_RUNS}/ (mode "
       f"'ablation'); train first with `python -m clipdistill_jax.main --config "
       f"configs/small.py --workdir {root}`.")
 
@@ -172,7 +210,7 @@ def resolve_run(workdir: str | Path, stage: str | None = None) -> RunDir:
       raise RunNotFoundError(f"{root} is an ablation workdir with {len(ablation_runs)} runs "
                              f"({shown}); {what} with --stage RUN.")
     return RunDir(root, "ablation", stage, root / ABLATION_RUNS / stage, config)
-  raise _no_run(root)
+  raise _no_run(root, config)
 
 
 def load_run_student(run: RunDir, step: int | None = None):
