@@ -8,9 +8,11 @@ exported student's ONNX files (onnxruntime + numpy + PIL; no JAX or torch at run
   clipdistill classify --model OUT --labels-file labels.txt IMG...          (one label a line)
 
 OUT is a directory written by `scripts/convert_to_pytorch.py --onnx` (or its onnx/ folder).
-Add --int8 to use the int8 files (`--quantize int8 --onnx` at export). A file that cannot be
-read as an image is skipped and reported on stderr (and in the JSON output); the command
-fails only when no image at all could be used.
+Add --int8 to use the int8 files (`--quantize int8 --onnx` at export). Where onnxruntime is
+not installed, or OUT has only LiteRT files (`--tflite` at export), the LiteRT files run in
+a LiteRT interpreter (pip install ai-edge-litert) instead; the fp32 files of both agree with
+the student to 1e-4. A file that cannot be read as an image is skipped and reported on
+stderr (and in the JSON output); the command fails only when no image at all could be used.
 """
 
 from __future__ import annotations
@@ -131,9 +133,46 @@ def expand_image_args(items: Sequence[str]) -> list[Path]:
   return paths
 
 
-def load_model(args: argparse.Namespace) -> OnnxCLIP:
+def _importable(module: str) -> str | None:
+  """None if `module` imports, else why not (one line)."""
   try:
-    return OnnxCLIP(args.model, int8=args.int8, threads=args.threads)
+    __import__(module)
+  except ImportError as e:
+    return str(e).splitlines()[0] if str(e) else f"{module} is not installed"
+  return None
+
+
+def load_model(args: argparse.Namespace) -> OnnxCLIP:
+  """The ONNX files through onnxruntime; where onnxruntime is missing (or the export has
+  only LiteRT files), the LiteRT files through a LiteRT interpreter; else a one-line why."""
+  from clipdistill_jax.export import litert_runtime as lrt
+  from clipdistill_jax.export.onnx_runtime import find_onnx_dir
+  try:
+    find_onnx_dir(args.model)
+    has_onnx = True
+  except ModelNotFoundError as e:
+    has_onnx, onnx_missing = False, e
+  try:
+    lrt.find_litert_dir(args.model)
+    has_litert = True
+  except ModelNotFoundError:
+    has_litert = False
+  no_ort = _importable("onnxruntime")
+  try:
+    if has_onnx and (no_ort is None or not has_litert):
+      if no_ort is not None:
+        raise CLIError(f"onnxruntime is not available ({no_ort}) and {args.model} has no "
+                       "LiteRT files to fall back on: pip install onnxruntime, or re-export "
+                       "with --tflite.")
+      return OnnxCLIP(args.model, int8=args.int8, threads=args.threads)
+    if has_litert:
+      try:
+        lrt.interpreter_class()
+      except ImportError as e:
+        raise CLIError(f"{args.model} has LiteRT files but no runtime is installed "
+                       f"({e}); or pip install onnxruntime with an --onnx export.") from e
+      return lrt.LiteRTCLIP(args.model, int8=args.int8, threads=args.threads)
+    raise CLIError(f"{onnx_missing} (or --tflite for LiteRT files)")
   except ModelNotFoundError as e:
     raise CLIError(str(e)) from e
 
@@ -326,10 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
 
   def common(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--model", required=True,
-                     help="exported directory (convert_to_pytorch.py --onnx) or its onnx/")
+                     help="exported directory (convert_to_pytorch.py --onnx or --tflite)")
     sub.add_argument("--int8", action="store_true", help="use the int8 ONNX files")
     sub.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
-    sub.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads")
+    sub.add_argument("--threads", type=int, default=None,
+                     help="CPU threads of the runtime (onnxruntime or LiteRT)")
     sub.add_argument("--max-image-pixels", type=parse_max_pixels,
                      default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                      help="skip larger images (default %(default)s, PIL's decompression-bomb "

@@ -2,9 +2,11 @@
 
 Latency is the median wall time of one encoder call (image tower on [b, S, S, 3] pixels,
 text tower on [b, context] tokens) after a warm-up call, for each batch size; both runtimes
-get the same thread count. The teacher row is a randomly initialised model of the teacher's
-shape: size and speed depend on shapes, not on weight values, and no checkpoint has to be
-downloaded.
+get the same thread count. The teacher rows are the run's own teacher (convert.py finds it:
+an experiment's teacher/hf, or config.json's teacher.source when it loads offline), else a
+randomly initialised ViT-B/32, labelled so: size and speed depend on shapes, not on weight
+values, so the random model still times the teacher's shape. LiteRT rows (batch 1 only: the
+files have a fixed batch) are added by convert.py.
 """
 
 from __future__ import annotations
@@ -113,16 +115,22 @@ def _benchmark_variants(out_dir: Path, config: CLIPConfig, model_name: str,
 
 
 def export_reference_model(config: CLIPConfig, directory: str | Path, tokenizer_dir: str | Path,
-                           int8: bool, onnx: bool) -> Path:
-  """A random model of `config`'s shape written in the same layout as an exported student."""
+                           int8: bool, onnx: bool, params: Any = None) -> Path:
+  """A model of `config`'s shape written in the same layout as an exported student: the
+  given Flax `params` (a real teacher), or random weights when None."""
   import torch
   import transformers
 
   from clipdistill_jax.export.onnx_export import export_onnx, quantize_onnx_int8
   directory = Path(directory)
-  torch.manual_seed(0)
-  model = transformers.CLIPModel(transformers.CLIPConfig(**config.to_dict())).eval()
-  model.save_pretrained(directory)
+  if params is not None:
+    from clipdistill_jax.models import hf
+    hf.save_pretrained(config, params, directory)
+    model = load_torch_model(directory)
+  else:
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(**config.to_dict())).eval()
+    model.save_pretrained(directory)
   if int8:
     quantize.save_int8(quantize.quantize_int8(model), directory)
   if onnx:

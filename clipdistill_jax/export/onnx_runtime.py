@@ -148,6 +148,13 @@ class OnnxCLIP:
                                             self.manifest["pad_token"])
     return self._tokenizer
 
+  # The two calls a runtime provides (litert_runtime.LiteRTCLIP swaps them).
+  def _embed_pixels(self, pixel_values_nhwc: np.ndarray) -> np.ndarray:
+    return run_vision(self.vision_session, pixel_values_nhwc)
+
+  def _embed_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    return run_text(self.text_session, input_ids, attention_mask)
+
   def fingerprint(self) -> str:
     """Identifies the image encoder's weights (cached image embeddings depend on them)."""
     digest = hashlib.sha256(str(self.image_size).encode())
@@ -170,12 +177,12 @@ class OnnxCLIP:
     chunks = []
     for start in range(0, len(texts), batch_size):
       ids, mask = self.tokenize(texts[start:start + batch_size])
-      chunks.append(run_text(self.text_session, ids, mask))
+      chunks.append(self._embed_tokens(ids, mask))
     return np.concatenate(chunks)
 
   def encode_pixels(self, pixel_values: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """L2-normalized image embeddings of preprocessed NHWC pixels."""
-    chunks = [run_vision(self.vision_session, pixel_values[start:start + batch_size])
+    chunks = [self._embed_pixels(pixel_values[start:start + batch_size])
               for start in range(0, len(pixel_values), batch_size)]
     return np.concatenate(chunks)
 
@@ -193,7 +200,7 @@ class OnnxCLIP:
 
     def flush():
       if batch:
-        embeddings.append(run_vision(self.vision_session, np.stack(batch)))
+        embeddings.append(self._embed_pixels(np.stack(batch)))
         encoded.extend(batch_paths)
         batch.clear()
         batch_paths.clear()

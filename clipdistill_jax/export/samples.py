@@ -64,8 +64,20 @@ class ZeroShotSet:
   """Images labelled with one of `class_prompts`: what int8 top-1 agreement is measured on."""
   pixel_values: np.ndarray  # float32 [N, S, S, 3], CLIP-normalized
   labels: np.ndarray        # int [N], index into class_prompts
-  class_prompts: list[str]
+  class_prompts: list[str]  # prompts_per_class consecutive prompts per class
   source: str
+  prompts_per_class: int = 1
+
+  def class_embeddings(self, prompt_embeds: np.ndarray) -> np.ndarray:
+    """[classes, D] from the embeddings [classes * prompts_per_class, D] of class_prompts:
+    the normalized mean over each class's templates (CLIP's prompt ensembling)."""
+    if self.prompts_per_class == 1:
+      return prompt_embeds
+    per_class = np.asarray(prompt_embeds, np.float32).reshape(
+        -1, self.prompts_per_class, prompt_embeds.shape[-1])
+    per_class = per_class / np.linalg.norm(per_class, axis=-1, keepdims=True)
+    mean = per_class.mean(axis=1)
+    return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
 
 
 def reference_photos() -> CaptionedImages:
@@ -148,3 +160,41 @@ def _as_uint8(image: np.ndarray) -> np.ndarray:
 def to_pil(image: np.ndarray) -> PIL.Image.Image:
   """A uint8 [H, W(, C)] array as a PIL image (what transformers' processor takes)."""
   return PIL.Image.fromarray(image)
+
+
+def run_eval_set(run_config: dict, image_size: int, max_examples: int | None = 1000,
+                 split: str | None = None, max_templates: int | None = 8) -> ZeroShotSet:
+  """The training run's own zero-shot set: eval.zero_shot[0] of its config.json ('synthetic',
+  'folder:PATH' or a prepared tfds name), built by evaluate.load_zero_shot_dataset.
+
+  max_examples: at most this many images (and at most the run's eval.max_examples);
+  split: default the run's eval.zero_shot_split, else 'test'; max_templates: the first N of
+  the run's prompt templates per class (eval.templates, else the dataset's), so an 80-template
+  ImageNet set stays cheap. Raises ValueError when the config names no zero-shot set and
+  whatever load_zero_shot_dataset raises when the data is not there.
+  """
+  from clipdistill_jax.eval.datasets import load_zero_shot_dataset
+  from clipdistill_jax.eval.prompts import get_templates
+  eval_config = run_config.get("eval") or {}
+  names = eval_config.get("zero_shot") or ()
+  if not names:
+    raise ValueError("the run's config.json has no eval.zero_shot set")
+  limits = [n for n in (max_examples, eval_config.get("max_examples")) if n]
+  dataset = load_zero_shot_dataset(
+      names[0], split or eval_config.get("zero_shot_split") or "test", image_size,
+      data_dir=(run_config.get("data") or {}).get("data_dir"),
+      max_examples=min(limits) if limits else None)
+  images, labels = [], []
+  for batch_images, batch_labels in dataset.batches(256):
+    images.append(np.asarray(batch_images, np.float32))
+    labels.append(np.asarray(batch_labels))
+  if not images:
+    raise ValueError(f"zero-shot set {names[0]!r} yielded no images")
+  templates = list(get_templates(eval_config.get("templates") or dataset.templates))
+  templates = templates[:max_templates] if max_templates else templates
+  prompts = [t.format(name) for name in dataset.class_names for t in templates]
+  pixels = np.concatenate(images)
+  return ZeroShotSet(pixels, np.concatenate(labels), prompts,
+                     f"the run's zero-shot set {names[0]!r} ({len(pixels)} images, "
+                     f"{len(templates)} template{'s' if len(templates) > 1 else ''} per class)",
+                     len(templates))

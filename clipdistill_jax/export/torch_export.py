@@ -43,10 +43,23 @@ def export_student(config: CLIPConfig, params: Any, out_dir: str | os.PathLike,
         f"embeds only {config.text_config.vocab_size}; export with the tokenizer the student "
         "was trained with.")
   out = hf.save_pretrained(config, params, out_dir)
+  respect_umask(out / hf.SAFETENSORS)
   tokenizer.save(str(out))
   _set_model_max_length(out, config.text_config.max_position_embeddings)
   preprocess.save_preprocessor_config(str(out), config.vision_config.image_size)
   return out
+
+
+def respect_umask(path: str | os.PathLike) -> None:
+  """Gives `path` the mode a plain open() would (0o666 less the umask).
+
+  safetensors writes through a private temporary file, so model.safetensors would otherwise
+  be 0600 while every other exported file is readable by the group and others as the umask
+  allows: a model shared on a server must be readable like its config.
+  """
+  umask = os.umask(0)
+  os.umask(umask)  # reading the umask means setting it; restored at once
+  os.chmod(path, 0o666 & ~umask)
 
 
 def _set_model_max_length(out: Path, context_length: int) -> None:

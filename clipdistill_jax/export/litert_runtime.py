@@ -1,0 +1,170 @@
+"""The exported LiteRT (TFLite) encoders at run time: an interpreter, numpy, PIL, `tokenizers`.
+
+The interpreter is `ai_edge_litert.interpreter.Interpreter` (pip install ai-edge-litert, a
+small wheel) when installed, else `tf.lite.Interpreter` from tensorflow (deprecated in its
+favour, same API). The files are described in litert_export.py; each has a fixed batch of 1
+and the text file a fixed sequence length, so `LiteRTCLIP` calls them once per image / text
+and pads ids to the full context. It has OnnxCLIP's interface, so the `clipdistill` CLI
+runs on it where onnxruntime is not installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipdistill_jax.export.onnx_runtime import (
+    TOKENIZER_JSON,
+    ModelNotFoundError,
+    OnnxCLIP,
+    load_onnx_tokenizer,
+)
+
+LITERT_DIR = "tflite"
+MANIFEST = "clipdistill_litert.json"
+FILES = {
+    "fp32": {"vision": "vision_model.tflite", "text": "text_model.tflite"},
+    "int8": {"vision": "vision_model_int8.tflite", "text": "text_model_int8.tflite"},
+    "int8_full": {"vision": "vision_model_int8_full.tflite",
+                  "text": "text_model_int8_full.tflite"},
+}
+
+
+def read_manifest(litert_dir: str | os.PathLike) -> dict[str, Any]:
+  with open(Path(litert_dir) / MANIFEST, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def write_manifest(litert_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+  path = Path(litert_dir) / MANIFEST
+  path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+  return path
+
+
+def interpreter_class() -> tuple[type, str]:
+  """(Interpreter class, its name); ImportError names what to install when neither exists."""
+  try:
+    from ai_edge_litert.interpreter import Interpreter
+    return Interpreter, "ai_edge_litert"
+  except ImportError:
+    pass
+  try:
+    import warnings
+
+    import tensorflow as tf
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+      return tf.lite.Interpreter, "tf.lite"
+  except ImportError:
+    raise ImportError("no LiteRT interpreter: pip install ai-edge-litert (or tensorflow)"
+                      ) from None
+
+
+def find_litert_dir(model: str | os.PathLike) -> Path:
+  """The folder holding clipdistill_litert.json: `model` itself or `model/tflite`."""
+  path = Path(model).expanduser()
+  for candidate in (path, path / LITERT_DIR):
+    if (candidate / MANIFEST).is_file():
+      return candidate
+  raise ModelNotFoundError(f"{path} has no LiteRT export ({LITERT_DIR}/{MANIFEST} is missing); "
+                           "create one with: python scripts/convert_to_pytorch.py --workdir "
+                           f"WORKDIR --out {path} --tflite")
+
+
+class _Runner:
+  """One .tflite file: its single input and output, invoked one example at a time."""
+
+  def __init__(self, path: Path, threads: int | None):
+    import warnings
+    interpreter, _ = interpreter_class()
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      self.interpreter = interpreter(model_path=str(path), num_threads=threads)
+    self.interpreter.allocate_tensors()
+    self.input = self.interpreter.get_input_details()[0]
+    self.output = self.interpreter.get_output_details()[0]
+
+  def __call__(self, batch: np.ndarray) -> np.ndarray:
+    rows = []
+    for example in batch:
+      self.interpreter.set_tensor(self.input["index"],
+                                  np.asarray(example[None], self.input["dtype"]))
+      self.interpreter.invoke()
+      rows.append(self.interpreter.get_tensor(self.output["index"])[0].copy())
+    return np.stack(rows).astype(np.float32)
+
+
+class LiteRTCLIP(OnnxCLIP):
+  """Both LiteRT encoders plus the tokenizer and preprocessing they expect.
+
+  variant: 'fp32', 'int8' (dynamic range) or 'int8_full' (full-integer), as exported.
+  `int8=True` is the CLI's spelling of variant 'int8'.
+  """
+
+  def __init__(self, model: str | os.PathLike, int8: bool = False, threads: int | None = None,
+               variant: str | None = None):
+    self.directory = find_litert_dir(model)
+    self.manifest = read_manifest(self.directory)
+    variant = variant or ("int8" if int8 else "fp32")
+    files = self.manifest.get("files", {}).get(variant)
+    if not files:
+      raise ModelNotFoundError(
+          f"{self.directory} has no {variant} LiteRT files; re-run the conversion with --tflite"
+          + (" --quantize int8" if variant != "fp32" else "") + ".")
+    self.vision_path = self.directory / files["vision"]
+    self.text_path = self.directory / files["text"]
+    for path in (self.vision_path, self.text_path, self.directory / TOKENIZER_JSON):
+      if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; the export is incomplete, re-run the "
+                                 "conversion with --tflite.")
+    self.variant = variant
+    self.runtime = interpreter_class()[1]
+    self.image_size = int(self.manifest["image_size"])
+    self.context_length = int(self.manifest["context_length"])
+    self.logit_scale = float(self.manifest["logit_scale"])
+    self._threads = threads
+    self._vision = self._text = self._tokenizer = None
+
+  @property
+  def vision_session(self) -> _Runner:
+    if self._vision is None:
+      self._vision = _Runner(self.vision_path, self._threads)
+    return self._vision
+
+  @property
+  def text_session(self) -> _Runner:
+    if self._text is None:
+      self._text = _Runner(self.text_path, self._threads)
+    return self._text
+
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None:
+      self._tokenizer = load_onnx_tokenizer(self.directory, self.context_length,
+                                            self.manifest["pad_token"])
+      # The text file has a fixed sequence length: pad every text to the full context.
+      self._tokenizer.enable_padding(pad_id=self.pad_id, pad_token=self.manifest["pad_token"],
+                                     length=self.context_length)
+    return self._tokenizer
+
+  @functools.cached_property
+  def pad_id(self) -> int:
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(self.directory / TOKENIZER_JSON))
+    return int(tokenizer.token_to_id(self.manifest["pad_token"]))
+
+  def encode_ids(self, input_ids: np.ndarray) -> np.ndarray:
+    """text_embeds [N, D] of ids already padded to the context length."""
+    return self.text_session(np.asarray(input_ids, np.int32))
+
+  def _embed_pixels(self, pixel_values_nhwc: np.ndarray) -> np.ndarray:
+    return self.vision_session(np.asarray(pixel_values_nhwc, np.float32))
+
+  def _embed_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    del attention_mask  # the graph has none: pads after EOS do not reach the pooled token
+    return self.encode_ids(input_ids)
