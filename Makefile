@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[export,dev]"
+	$(PY) -m pip install --quiet -e ".[export,dev,litert]"
 	touch $(STAMP)
 
 demo: $(STAMP)
