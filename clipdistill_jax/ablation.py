@@ -59,14 +59,22 @@ def _dir_name(recipe: str) -> str:
 
 
 def _grid(config: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
+  """(recipe, steps, seed) of every run. A recipe entry 'NAME@STEPS' runs at STEPS only,
+  a plain 'NAME' at every budget in ablation.steps."""
   ab = config.ablation
-  for recipe in ab.recipes:
-    recipes.recipe_overrides(recipe)  # refuse an unknown name before any training
   if not ab.seeds or not ab.steps or not ab.recipes:
     raise ValueError("ablation.recipes, ablation.steps and ablation.seeds must be non-empty.")
+  budgets = []
+  for entry in ab.recipes:
+    recipe, at, steps = entry.rpartition("@") if "@" in entry else (entry, "", "")
+    if at and not steps.isdigit():
+      raise ValueError(f"ablation.recipes entry {entry!r}: write 'recipe@STEPS', e.g. "
+                       "'clip_kd@1000'.")
+    recipes.recipe_overrides(recipe)  # refuse an unknown name before any training
+    budgets.append((recipe, (int(steps),) if at else tuple(int(s) for s in ab.steps)))
   baseline_steps = tuple(ab.baseline_steps) or tuple(ab.steps)
   runs = [(NO_TEACHER, int(s), int(seed)) for s in baseline_steps for seed in ab.seeds]
-  runs += [(r, int(s), int(seed)) for s in ab.steps for r in ab.recipes for seed in ab.seeds]
+  runs += [(r, s, int(seed)) for r, steps in budgets for s in steps for seed in ab.seeds]
   return runs
 
 

@@ -110,8 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.experiment = ml_collections.ConfigDict(dict(teacher_steps=0, teacher_lr=1e-3,
                                                 teacher_arch=ml_collections.ConfigDict()))
 
-  # ablation mode (ablation.py): every recipe x steps x seed, plus the no-teacher student at
-  # every baseline_steps (empty: the same budgets as the recipes), one teacher for all.
+  # ablation mode (ablation.py): every recipe x steps x seed ('recipe@STEPS': that budget
+  # only), plus the no-teacher student at every baseline_steps (empty: ablation.steps), one
+  # teacher for all.
   c.ablation = ml_collections.ConfigDict(dict(
       recipes=("article", "clip_kd", "affinity"), steps=(500,), seeds=(0, 1, 2),
       baseline_steps=()))

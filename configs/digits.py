@@ -31,7 +31,10 @@ def get_config(data_dir: str = "/tmp/digits"):
   c = _demo()
   c.data.update(dict(source="manifest", path=os.path.join(data_dir, "train.jsonl"),
                      caption_key="caption", image_key="image", num_train_examples=300))
-  c.experiment.teacher_steps = 800
+  c.experiment.teacher_steps = 800  # 79 epochs of the 1,297 training images
+  c.train.total_steps = 500
+  c.ablation.update(dict(recipes=("article", "clip_kd", "affinity", "clip_kd_inherit"),
+                         steps=(500,), seeds=(0, 1, 2), baseline_steps=(250, 500)))
   c.eval.update(dict(zero_shot=(f"folder:{os.path.join(data_dir, 'test')}",),
                      templates="a handwritten digit {}", max_examples=500, batch_size=250,
                      retrieval=False))

@@ -122,6 +122,20 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path, monkeypatch):
   assert ablation.format_table(again["summary"]) == ablation.format_table(summary)
 
 
+def test_grid_with_per_recipe_budgets():
+  config = tiny_ablation_config()
+  config.ablation.update(dict(recipes=("article", "clip_kd_inherit@7"), steps=(3, 5),
+                              seeds=(0, 1), baseline_steps=(5, 9)))
+  grid = ablation._grid(config)
+  assert sorted({(r, s) for r, s, _ in grid}) == [
+      ("article", 3), ("article", 5), ("clip_kd_inherit", 7), ("no_teacher", 5),
+      ("no_teacher", 9)]
+  assert len(grid) == 10
+  config.ablation.recipes = ("clip_kd@many",)
+  with pytest.raises(ValueError, match="recipe@STEPS"):
+    ablation._grid(config)
+
+
 def test_unknown_recipe_is_refused_before_training(tmp_path):
   config = tiny_ablation_config()
   config.ablation.recipes = ("affinity", "fd_only")
