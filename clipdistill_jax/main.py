@@ -99,7 +99,7 @@ def main(argv: list[str]) -> None:
     else:
       train.train(config, workdir, eval_fn=experiment.make_eval_fn(config))
   except (FileNotFoundError, IncompatibleInputsError, TooManyCorruptImagesError,
-          train.NonFiniteLossError, teacher_cache.TeacherCacheError) as e:
+          train.NonFiniteLossError, train.ConfigError, teacher_cache.TeacherCacheError) as e:
     # Problems the user can fix: say what and how, without a traceback.
     raise SystemExit(f"error: {e}") from None
 

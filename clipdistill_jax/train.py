@@ -49,6 +49,10 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+class ConfigError(ValueError):
+  """A config that cannot run as written; the message says which fields to change."""
+
+
 # ----------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------
@@ -147,6 +151,11 @@ def init_state(config, models: Models, loss: losses.DistillLoss, tx, mesh, rng):
   """
   rules = [tuple(r) for r in config.mesh.rules]
   student_rng, projector_rng = jax.random.split(rng)
+  if config.student.init == "inherit" and models.teacher_params is None:
+    raise ConfigError(
+        f"student.init='inherit' (loss.recipe={config.loss.recipe!r}) cuts the student from "
+        "the teacher's weights, but this run has no teacher: set --config.teacher.source, run "
+        "mode 'experiment' (its teacher stage trains one), or --config.student.init=random.")
 
   def init_boxed(rng_s, rng_p):
     params = {"student": models.student.init(rng_s, *dummy_inputs(models.student_config))[

@@ -124,6 +124,19 @@ def test_config_typo_names_the_closest_field(tmp_path):
   assert not (tmp_path / "run").exists()  # rejected before anything ran
 
 
+def test_recipe_errors_are_one_line(tmp_path):
+  # An unknown recipe, and weight inheritance without a teacher: one 'error:' line each,
+  # before anything is trained.
+  for flag, expected in (("--config.loss.recipe=clip-kd", "is not a recipe; choose one of"),
+                         ("--config.loss.recipe=affinity_inherit", "has no teacher")):
+    result = subprocess.run([*main_command(tmp_path / "run"), flag], capture_output=True,
+                            text=True, env=main_env(), timeout=300)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def load_tiny_config():
   spec = importlib.util.spec_from_file_location("tiny_train", TINY_CONFIG)
   module = importlib.util.module_from_spec(spec)
