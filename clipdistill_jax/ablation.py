@@ -8,7 +8,9 @@ Layout under the workdir (rerunning resumes: a finished run is read back, an unf
 resumes from its checkpoint):
   teacher/                          the teacher stage, as in experiment mode (if any)
   ablation/teacher.json             the teacher's zero-shot scores and predictions
-  ablation/runs/NAME-sSTEPS-seedK/  one training run each; result.json once evaluated
+  ablation/student_config.json      the student's shape, derived from the teacher
+  ablation/runs/NAME-sSTEPS-seedK/  one training run each (config.json, checkpoints,
+                                    metrics); result.json once evaluated
   ablation/ablation.md/.json/.png   the table, the raw runs and the figure
 
 A run with seed K sets config.seed (init) and data.seed (data order and, for the synthetic
@@ -41,11 +43,14 @@ NO_TEACHER = "no_teacher"
 
 
 def _run_config(config: ml_collections.ConfigDict, recipe: str, steps: int, seed: int,
-                teacher_source: str) -> ml_collections.ConfigDict:
+                teacher_source: str, student_file: Path) -> ml_collections.ConfigDict:
   changes: dict[str, Any] = {"seed": seed, "data.seed": seed, "train.total_steps": steps,
                              "eval.every": 0}
-  if recipe == NO_TEACHER:  # the experiment's baseline: same student, contrastive only
+  if recipe == NO_TEACHER:
+    # The experiment's baseline: the student the config derives from the teacher (its exact
+    # config.json, so tokenizer, pooling and geometry match), contrastive only.
     changes.update({"teacher.source": None, "teacher.cache_dir": None,
+                    "student.arch": "file", "student.file": str(student_file),
                     "student.init": "random"})
     return experiment.stage_config(config, **changes)
   changes["teacher.source"] = teacher_source
@@ -86,6 +91,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   teacher_source = experiment.prepare_teacher(config, workdir_path)
 
   teacher_config, teacher_params = hf.load_pretrained(teacher_source)
+  student_file = out / "student_config.json"
+  if not student_file.exists():  # every host writes the same file, atomically: no race
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = student_file.with_suffix(f".tmp{jax.process_index()}")
+    train.make_student_config(config.student, teacher_config).to_json_file(tmp)
+    tmp.replace(student_file)
   evaluator = experiment.Evaluator(config, teacher_config.vision_config.image_size,
                                    teacher_config.text_config.max_position_embeddings)
   teacher_file = out / "teacher.json"
@@ -104,7 +115,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       results.append(json.loads(result_file.read_text()))
       continue
     logging.info("Ablation run %s (%d steps, seed %d) ...", recipe, steps, seed)
-    run_config = _run_config(config, recipe, steps, seed, teacher_source)
+    run_config = _run_config(config, recipe, steps, seed, teacher_source, student_file)
+    train.dump_config(run_config, str(run_dir))  # what this run was, for export and reruns
     start = time.time()
     trained = train.train(run_config, str(run_dir))
     wall = time.time() - start

@@ -116,6 +116,12 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path, monkeypatch):
   assert inherit["loss"]["loss/contrastive"] == 0.0 and inherit["loss"]["loss/logit_kl"] > 0
   for row in summary:
     assert 0.0 <= row["top1"][0] <= 1.0
+  # The baseline is exactly the distilled student's shape, and every run keeps its config.
+  runs_dir = tmp_path / "ablation" / "runs"
+  assert ((runs_dir / "no_teacher-s3-seed0" / "student_config.json").read_text()
+          == (runs_dir / "clip_kd-s3-seed0" / "student_config.json").read_text())
+  dumped = json.loads((runs_dir / "clip_kd-s3-seed1" / "config.json").read_text())
+  assert dumped["loss"]["recipe"] == "clip_kd" and dumped["seed"] == 1
   # Rerunning trains nothing: every run is read back from its result.json.
   monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("retrained a finished run"))
   again = ablation.run(config, str(tmp_path))
