@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -238,18 +239,19 @@ def write_report(summary: Sequence[Mapping[str, Any]], results: Sequence[Mapping
 def plot(summary: Sequence[Mapping[str, Any]], teacher_top1: float, path: Path) -> None:
   """Bars of mean zero-shot top-1 (error bars: std over seeds), the teacher as a line."""
   plt = report._pyplot()
-  labels = [f"{r['recipe']}\n{r['steps']} steps" for r in summary]
+  labels = ["\n".join(textwrap.wrap(str(r["recipe"]).replace(":", " "), 18))
+            + f"\n{r['steps']} steps" for r in summary]
   means = [100 * r["top1"][0] for r in summary]
   stds = [100 * r["top1"][1] for r in summary]
   colours = ["0.6" if r["recipe"] == NO_TEACHER else "tab:blue" for r in summary]
-  fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(summary)), 4.5))
+  fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(summary)), 5.0))
   ax.bar(range(len(summary)), means, yerr=stds, color=colours, capsize=4)
   ax.axhline(100 * teacher_top1, color="tab:red", linestyle="--",
              label=f"teacher {100 * teacher_top1:.1f}%")
   ax.axhline(95 * teacher_top1, color="tab:red", linestyle=":", label="95% of teacher")
-  for i, m in enumerate(means):
-    ax.text(i, m + 0.5, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
-  ax.set_xticks(range(len(summary)), labels, fontsize=8)
+  for i, (m, s) in enumerate(zip(means, stds, strict=True)):
+    ax.text(i, m + s + 0.3, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
+  ax.set_xticks(range(len(summary)), labels, fontsize=7)
   ax.set_ylabel("Zero-shot top-1 (%)")
   ax.set_title("Distillation recipes: mean ± std over seeds")
   ax.legend(loc="lower right", fontsize=8)
