@@ -333,9 +333,10 @@ class DistillLoss:
   the student's OWN image-text space (the one zero-shot uses) is pulled onto the teacher's;
   where the widths differ, and always with 'linear', a learnable linear map (dropped at
   export) carries the student's embeddings into the teacher's width first. Through a
-  projector the student only has to be a linear map away from the teacher, and image and
-  text have separate maps, so these losses can fall while the student's own zero-shot
-  barely moves; give the student the teacher's projection_dim to distil for zero-shot.
+  projector the student only has to be a linear map away from the teacher, with separate
+  maps for image and text, so less of the teacher's image-text geometry reaches the
+  student's own space: on the demo (README, "Ablation") the same recipe loses 1.8 points of
+  zero-shot top-1 and 2.9 of teacher agreement through a projector.
   Hash/eq are by identity, so an instance can be a static jit argument.
   """
   student_config: CLIPConfig
