@@ -11,13 +11,13 @@ runs on it where onnxruntime is not installed.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from clipdistill_jax.export import onnx_runtime
 from clipdistill_jax.export.onnx_runtime import (
     TOKENIZER_JSON,
     ModelNotFoundError,
@@ -36,14 +36,11 @@ FILES = {
 
 
 def read_manifest(litert_dir: str | os.PathLike) -> dict[str, Any]:
-  with open(Path(litert_dir) / MANIFEST, encoding="utf-8") as f:
-    return json.load(f)
+  return onnx_runtime.read_manifest(litert_dir, MANIFEST)
 
 
 def write_manifest(litert_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
-  path = Path(litert_dir) / MANIFEST
-  path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-  return path
+  return onnx_runtime.write_manifest(litert_dir, manifest, MANIFEST)
 
 
 def interpreter_class() -> tuple[type, str]:

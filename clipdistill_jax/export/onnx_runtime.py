@@ -63,13 +63,15 @@ def find_onnx_dir(model: str | os.PathLike) -> Path:
                            f"{convert_hint}")
 
 
-def read_manifest(onnx_dir: str | os.PathLike) -> dict[str, Any]:
-  with open(Path(onnx_dir) / MANIFEST, encoding="utf-8") as f:
+def read_manifest(onnx_dir: str | os.PathLike, name: str = MANIFEST) -> dict[str, Any]:
+  """The export's JSON manifest (`name` in `onnx_dir`; the LiteRT runtime passes its own)."""
+  with open(Path(onnx_dir) / name, encoding="utf-8") as f:
     return json.load(f)
 
 
-def write_manifest(onnx_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
-  path = Path(onnx_dir) / MANIFEST
+def write_manifest(onnx_dir: str | os.PathLike, manifest: dict[str, Any],
+                   name: str = MANIFEST) -> Path:
+  path = Path(onnx_dir) / name
   path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
   return path
 
