@@ -22,7 +22,6 @@ from clipdistill_jax.export.onnx_runtime import (
     TOKENIZER_JSON,
     ModelNotFoundError,
     OnnxCLIP,
-    load_onnx_tokenizer,
 )
 
 LITERT_DIR = "tflite"
@@ -103,50 +102,24 @@ class LiteRTCLIP(OnnxCLIP):
   `int8=True` is the CLI's spelling of variant 'int8'.
   """
 
+  KIND, FLAG = "LiteRT", "--tflite"
+
   def __init__(self, model: str | os.PathLike, int8: bool = False, threads: int | None = None,
                variant: str | None = None):
-    self.directory = find_litert_dir(model)
-    self.manifest = read_manifest(self.directory)
-    variant = variant or ("int8" if int8 else "fp32")
-    files = self.manifest.get("files", {}).get(variant)
-    if not files:
-      raise ModelNotFoundError(
-          f"{self.directory} has no {variant} LiteRT files; re-run the conversion with --tflite"
-          + (" --quantize int8" if variant != "fp32" else "") + ".")
-    self.vision_path = self.directory / files["vision"]
-    self.text_path = self.directory / files["text"]
-    for path in (self.vision_path, self.text_path, self.directory / TOKENIZER_JSON):
-      if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; the export is incomplete, re-run the "
-                                 "conversion with --tflite.")
-    self.variant = variant
+    directory = find_litert_dir(model)
+    self._load(directory, read_manifest(directory), variant or ("int8" if int8 else "fp32"),
+               threads)
     self.runtime = interpreter_class()[1]
-    self.image_size = int(self.manifest["image_size"])
-    self.context_length = int(self.manifest["context_length"])
-    self.logit_scale = float(self.manifest["logit_scale"])
-    self._threads = threads
-    self._vision = self._text = self._tokenizer = None
 
-  @property
-  def vision_session(self) -> _Runner:
-    if self._vision is None:
-      self._vision = _Runner(self.vision_path, self._threads)
-    return self._vision
-
-  @property
-  def text_session(self) -> _Runner:
-    if self._text is None:
-      self._text = _Runner(self.text_path, self._threads)
-    return self._text
+  def _open(self, path: Path) -> _Runner:
+    return _Runner(path, self._threads)
 
   @property
   def tokenizer(self):
     if self._tokenizer is None:
-      self._tokenizer = load_onnx_tokenizer(self.directory, self.context_length,
-                                            self.manifest["pad_token"])
       # The text file has a fixed sequence length: pad every text to the full context.
-      self._tokenizer.enable_padding(pad_id=self.pad_id, pad_token=self.manifest["pad_token"],
-                                     length=self.context_length)
+      super().tokenizer.enable_padding(pad_id=self.pad_id, pad_token=self.manifest["pad_token"],
+                                       length=self.context_length)
     return self._tokenizer
 
   @functools.cached_property

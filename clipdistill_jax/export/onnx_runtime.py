@@ -108,39 +108,49 @@ def run_text(text_session, input_ids: np.ndarray, attention_mask: np.ndarray) ->
 class OnnxCLIP:
   """Both exported encoders plus the tokenizer and preprocessing they expect."""
 
+  KIND, FLAG = "ONNX", "--onnx"  # how errors name the export and the flag that writes it
+
   def __init__(self, model: str | os.PathLike, int8: bool = False,
                threads: int | None = None):
-    self.directory = find_onnx_dir(model)
-    self.manifest = read_manifest(self.directory)
-    variant = "int8" if int8 else "fp32"
-    files = self.manifest.get("files", {}).get(variant)
+    directory = find_onnx_dir(model)
+    self._load(directory, read_manifest(directory), "int8" if int8 else "fp32", threads)
+
+  def _load(self, directory: Path, manifest: dict[str, Any], variant: str,
+            threads: int | None) -> None:
+    """Reads the manifest's `variant` files; ModelNotFoundError if the export lacks them."""
+    self.directory, self.manifest = directory, manifest
+    files = manifest.get("files", {}).get(variant)
     if not files:
       raise ModelNotFoundError(
-          f"{self.directory} has no {variant} ONNX files; re-run the conversion with --onnx"
-          + (" --quantize int8" if int8 else "") + ".")
-    self.vision_path = self.directory / files["vision"]
-    self.text_path = self.directory / files["text"]
-    for path in (self.vision_path, self.text_path, self.directory / TOKENIZER_JSON):
+          f"{directory} has no {variant} {self.KIND} files; re-run the conversion with "
+          f"{self.FLAG}" + (" --quantize int8" if variant != "fp32" else "") + ".")
+    self.vision_path = directory / files["vision"]
+    self.text_path = directory / files["text"]
+    for path in (self.vision_path, self.text_path, directory / TOKENIZER_JSON):
       if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing; the export is incomplete, re-run the "
-                                 "conversion with --onnx.")
+                                 f"conversion with {self.FLAG}.")
     self.variant = variant
-    self.image_size = int(self.manifest["image_size"])
-    self.context_length = int(self.manifest["context_length"])
-    self.logit_scale = float(self.manifest["logit_scale"])
+    self.image_size = int(manifest["image_size"])
+    self.context_length = int(manifest["context_length"])
+    self.logit_scale = float(manifest["logit_scale"])
     self._threads = threads
     self._vision = self._text = self._tokenizer = None
+
+  def _open(self, path: Path):
+    """One encoder file as a callable session (the LiteRT runtime opens interpreters)."""
+    return session(path, self._threads)
 
   @property
   def vision_session(self):
     if self._vision is None:
-      self._vision = session(self.vision_path, self._threads)
+      self._vision = self._open(self.vision_path)
     return self._vision
 
   @property
   def text_session(self):
     if self._text is None:
-      self._text = session(self.text_path, self._threads)
+      self._text = self._open(self.text_path)
     return self._text
 
   @property
