@@ -118,6 +118,23 @@ def write_img2dataset_shards(directory, encoded_images, captions, num_shards):
   return str(directory / "*.tfrecord")
 
 
+def write_local_set(root, rows, *, render_size, seed):
+  """`rows` synthetic images as PNGs in `root`, a manifest m.jsonl and 2 img2dataset TFRecord
+  shards of them. Returns (root, expected pixels at SIZE [rows, SIZE, SIZE, 3], shard glob)."""
+  source = SyntheticCaptions(render_size, seed=seed)
+  pixels, captions = [], []
+  for i in range(rows):
+    image, caption, _ = source.example(i)
+    (root / f"img{i}.png").write_bytes(png_bytes(image))
+    pixels.append(preprocess.preprocess_image(image, SIZE))
+    captions.append(caption)
+  write_jsonl(root / "m.jsonl", [{"image": f"img{i}.png", "caption": captions[i]}
+                                 for i in range(rows)])
+  encoded = [(root / f"img{i}.png").read_bytes() for i in range(rows)]
+  pattern = write_img2dataset_shards(root / "shards", encoded, captions, num_shards=2)
+  return root, np.stack(pixels), pattern
+
+
 def row_ids(batch, expected_pixels):
   """Which expected example each batch row is (asserting that it is one of them)."""
   distances = np.abs(batch["image"][:, None] - expected_pixels[None]).max(axis=(2, 3, 4))

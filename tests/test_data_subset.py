@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
-from test_data import png_bytes, row_ids, write_img2dataset_shards, write_jsonl
+from test_data import SIZE, row_ids, write_local_set
 
 from clipdistill_jax.data import pipeline, preprocess
 from clipdistill_jax.data.synthetic import SyntheticCaptions
 from clipdistill_jax.data.tokenizer import load_tokenizer
 
-SIZE, CONTEXT, ROWS = 32, 16, 10
+CONTEXT, ROWS = 16, 10
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +50,7 @@ def test_synthetic_subset_is_a_fresh_permutation_each_epoch(tokenizer):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-  root = tmp_path_factory.mktemp("subset")
-  source = SyntheticCaptions(SIZE, seed=11)
-  pixels, captions = [], []
-  for i in range(ROWS):
-    image, caption, _ = source.example(i)
-    (root / f"img{i}.png").write_bytes(png_bytes(image))
-    pixels.append(preprocess.preprocess_image(image, SIZE))
-    captions.append(caption)
-  write_jsonl(root / "m.jsonl", [{"image": f"img{i}.png", "caption": captions[i]}
-                                 for i in range(ROWS)])
-  encoded = [(root / f"img{i}.png").read_bytes() for i in range(ROWS)]
-  pattern = write_img2dataset_shards(root / "shards", encoded, captions, num_shards=2)
-  return root, np.stack(pixels), pattern
+  return write_local_set(tmp_path_factory.mktemp("subset"), ROWS, render_size=SIZE, seed=11)
 
 
 def test_manifest_subset_is_its_first_rows(files, tokenizer):

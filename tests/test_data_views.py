@@ -3,13 +3,12 @@
 
 import numpy as np
 import pytest
-from test_data import png_bytes, row_ids, write_img2dataset_shards, write_jsonl
+from test_data import SIZE, row_ids, write_local_set
 
-from clipdistill_jax.data import pipeline, preprocess, tf_pipeline
-from clipdistill_jax.data.synthetic import SyntheticCaptions
+from clipdistill_jax.data import pipeline, tf_pipeline
 from clipdistill_jax.data.tokenizer import load_tokenizer
 
-SIZE, CONTEXT, ROWS, VIEWS = 32, 16, 10, 3
+CONTEXT, ROWS, VIEWS = 16, 10, 3
 AUGMENT = {"crop_min_scale": 0.5, "flip": True}
 
 
@@ -21,19 +20,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   """ROWS 40 px images (the pipeline resizes them to SIZE), a manifest and 2 TFRecord files."""
-  root = tmp_path_factory.mktemp("views")
-  source = SyntheticCaptions(40, seed=5)
-  pixels, captions = [], []
-  for i in range(ROWS):
-    image, caption, _ = source.example(i)
-    (root / f"img{i}.png").write_bytes(png_bytes(image))
-    pixels.append(preprocess.preprocess_image(image, SIZE))
-    captions.append(caption)
-  write_jsonl(root / "m.jsonl", [{"image": f"img{i}.png", "caption": captions[i]}
-                                 for i in range(ROWS)])
-  encoded = [(root / f"img{i}.png").read_bytes() for i in range(ROWS)]
-  pattern = write_img2dataset_shards(root / "shards", encoded, captions, num_shards=2)
-  return root, np.stack(pixels), pattern
+  return write_local_set(tmp_path_factory.mktemp("views"), ROWS, render_size=40, seed=5)
 
 
 def train_batches(config, tokenizer, n, *, batch, start=0, index=0, count=1):
