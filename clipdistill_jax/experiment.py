@@ -110,6 +110,8 @@ def evaluate_models(config: ml_collections.ConfigDict,
       main = zero_shot[config.eval.zero_shot[0]]
       row.update(zero_shot_top1=main["top1"], zero_shot_top5=main["top5"],
                  zero_shot_examples=main["num_examples"])
+      if main.get("subset"):  # the report's caption says it (report.NOTE_KEYS)
+        row["zero_shot_subset"] = f"{config.eval.zero_shot[0]}: {main['subset']}"
       predictions[name] = main["predictions"]
     retrieval = evaluator.retrieval(model, params)
     if retrieval:
@@ -212,6 +214,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     print(f"\nTeacher vs distilled vs no-teacher student ({config.eval.zero_shot[0]} "
           f"held-out zero-shot, measured on {jax.devices()[0].platform}; total wall time "
           f"{time.time() - start:.0f} s):\n\n{table}\n")
+    for subset in dict.fromkeys(row["zero_shot_subset"] for row in rows
+                                if row.get("zero_shot_subset")):
+      print(f"Zero-shot evaluated on {subset}.\n")
     print("Report files: " + ", ".join(str(p) for p in paths.values()))
   return rows
 
