@@ -314,3 +314,26 @@ def test_folder_source_mistakes_are_named(class_folder, tmp_path, tokenizer):
     train_iter({"source": "folder"}, tokenizer)
   with pytest.raises(ValueError, match="captioned by templates"):
     train_iter({"source": "folder", "path": str(root), "num_views": 2}, tokenizer)
+
+
+def test_a_student_trains_on_a_class_folder(class_folder, tmp_path):
+  # The point of the folder source: fine-tune or distil on one's own labelled photos, end to
+  # end through the trainer (a few steps of the tiny contrastive run).
+  import importlib.util
+
+  from trainer_procs import TINY_CONFIG
+
+  from clipdistill_jax import train
+
+  spec = importlib.util.spec_from_file_location("tiny_train", TINY_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  root, _, _ = class_folder
+  config.data.update(dict(source="folder", path=str(root), templates=("a photo of a {}.",)))
+  config.eval.every = 0
+  # tiny_train's batch (16) and shapes: the program other tests compiled, from the cache.
+  config.train.update(dict(total_steps=2, log_every=1, checkpoint_every=2))
+  result = train.train(config, str(tmp_path))
+  assert result["metrics"]["data/num_read"] >= 32 and result["metrics"]["data/num_skipped"] == 0
+  assert np.isfinite(result["metrics"]["loss/total"])
