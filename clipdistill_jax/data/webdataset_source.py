@@ -15,7 +15,8 @@ to each other. KEY is the member's path up to the first '.' of its file name, EX
 A sample without an image member, or whose captions are missing or empty, is kept as a
 record with no image or no caption, so the decoder drops and counts it like an unreadable
 image; a member that cannot be read (a truncated or corrupt tar) ends its shard with a
-warning and one such record, so every broken shard shows in data/num_skipped.
+warning and one such record, so every broken shard shows in data/num_skipped (a tar cut
+exactly between two members reads as a shorter shard: tarfile cannot tell it from the end).
 
 Shards: data.path is brace-expanded (the `braceexpand` package: the same `{a..b}` / `{x,y}`
 syntax as the webdataset library and img2dataset's output names), then globbed, through
