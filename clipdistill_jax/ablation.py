@@ -147,7 +147,8 @@ def _zero_shot(config, evaluator: experiment.Evaluator, model: CLIPModel, params
   main = evaluator.zero_shot_scores(model, params)[config.eval.zero_shot[0]]
   return {"top1": float(main["top1"]), "top5": float(main["top5"]),
           "num_examples": int(main["num_examples"]),
-          "predictions": np.asarray(main["predictions"]).astype(int).tolist()}
+          "predictions": np.asarray(main["predictions"]).astype(int).tolist(),
+          "subset": main.get("subset")}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -226,6 +227,8 @@ def write_report(summary: Sequence[Mapping[str, Any]], results: Sequence[Mapping
   notes = [f"Zero-shot on {dataset} (held out), {teacher['num_examples']} images; teacher "
            f"top-1 {100 * teacher['top1']:.1f}%. Mean ± sample std over seeds. Gains are "
            "paired by seed. Wall time: training only, this machine."]
+  if teacher.get("subset"):  # eval.max_examples left part of the set out
+    notes.append(f"Zero-shot evaluated on {teacher['subset']}.")
   paths["markdown"].write_text("\n".join(["# Recipe ablation", "", *notes, "",
                                           format_table(summary), "",
                                           "![Ablation](ablation.png)", ""]), encoding="utf-8")

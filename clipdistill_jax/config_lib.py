@@ -102,7 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       every=5000, zero_shot=("cifar10",),
-      templates=ml_collections.config_dict.placeholder(str), max_examples=10_000,
+      # None (each dataset's own), a set name, a '{}' template or a list of them: any type
+      # (object), so that a config file's tuple and a command line's "('a {}.', 'b {}.')"
+      # both arrive as lists; checked before training (eval.prompts.eval_templates)
+      templates=ml_collections.config_dict.placeholder(object), max_examples=10_000,
       batch_size=256, retrieval=False))
 
   # experiment mode: teacher_steps > 0 first trains a teacher of shape teacher_arch on the

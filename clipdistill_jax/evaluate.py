@@ -83,7 +83,8 @@ def evaluate_zero_shot(model: CLIPModel, params: Any, tokenizer, dataset: Any, *
   make_eval_dataset). templates: default the dataset's own; pass 'simple_imagenet' or
   'photo' for a cheaper CPU run. classifier: reuse one built earlier (skips the text tower).
   Returns zero_shot_eval's keys (top1, top5, predictions, num_examples) plus labels,
-  image_embeds [N, P], classifier [C, P], num_skipped (unreadable images) and templates.
+  image_embeds [N, P], classifier [C, P], num_skipped (unreadable images), templates and
+  subset (ZeroShotDataset.subset: None, or which part eval.max_examples evaluated).
   """
   templates = get_templates(dataset.templates if templates is None else templates)
   if classifier is None:
@@ -103,7 +104,8 @@ def evaluate_zero_shot(model: CLIPModel, params: Any, tokenizer, dataset: Any, *
   labels_array = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
   result = zero_shot_eval(image_embeds, labels_array, classifier)
   result.update(labels=labels_array, image_embeds=image_embeds, classifier=classifier,
-                num_skipped=getattr(dataset, "num_skipped", 0), templates=templates)
+                num_skipped=getattr(dataset, "num_skipped", 0), templates=templates,
+                subset=getattr(dataset, "subset", None))
   return result
 
 

@@ -32,6 +32,7 @@ from absl import logging
 from clipdistill_jax import evaluate, recipes, report, train
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.tokenizer import load_tokenizer
+from clipdistill_jax.eval.prompts import eval_templates
 from clipdistill_jax.models import hf
 from clipdistill_jax.models.clip import CLIPModel
 from clipdistill_jax.writers import read_jsonl
@@ -54,7 +55,7 @@ class Evaluator:
     self.zero_shot = [evaluate.load_zero_shot_dataset(
         name, ec.get("zero_shot_split", "test"), image_size, data_dir=config.data.data_dir,
         max_examples=ec.max_examples) for name in ec.zero_shot]
-    self.templates = ec.templates
+    self.templates = eval_templates(ec.get("templates"))
 
   def zero_shot_scores(self, model: CLIPModel, params: Any) -> dict[str, dict]:
     out = {}
@@ -76,7 +77,9 @@ class Evaluator:
 
 def make_eval_fn(config: ml_collections.ConfigDict
                  ) -> Callable[[int, train.Models, Any], dict] | None:
-  """The trainer's periodic hook: zero-shot top-1/top-5 of the student on each dataset."""
+  """The trainer's periodic hook: zero-shot top-1/top-5 of the student on each dataset.
+  Checks eval.templates now (ValueError), before training, though data loads at first use."""
+  eval_templates(config.eval.get("templates"))
   if not config.eval.get("zero_shot") or not config.eval.get("every"):
     return None
   evaluator: list[Evaluator] = []
@@ -107,6 +110,8 @@ def evaluate_models(config: ml_collections.ConfigDict,
       main = zero_shot[config.eval.zero_shot[0]]
       row.update(zero_shot_top1=main["top1"], zero_shot_top5=main["top5"],
                  zero_shot_examples=main["num_examples"])
+      if main.get("subset"):  # the report's caption says it (report.NOTE_KEYS)
+        row["zero_shot_subset"] = f"{config.eval.zero_shot[0]}: {main['subset']}"
       predictions[name] = main["predictions"]
     retrieval = evaluator.retrieval(model, params)
     if retrieval:
@@ -209,6 +214,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     print(f"\nTeacher vs distilled vs no-teacher student ({config.eval.zero_shot[0]} "
           f"held-out zero-shot, measured on {jax.devices()[0].platform}; total wall time "
           f"{time.time() - start:.0f} s):\n\n{table}\n")
+    for subset in dict.fromkeys(row["zero_shot_subset"] for row in rows
+                                if row.get("zero_shot_subset")):
+      print(f"Zero-shot evaluated on {subset}.\n")
     print("Report files: " + ", ".join(str(p) for p in paths.values()))
   return rows
 

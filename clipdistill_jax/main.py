@@ -85,8 +85,11 @@ def main(argv: list[str]) -> None:
   mode = config.mode
   if mode not in MODES:
     raise app.UsageError(f"config.mode={mode!r}: use one of {', '.join(MODES)}.")
+  from clipdistill_jax.eval.prompts import eval_templates
+
   try:
     config = recipes.apply_recipe(config)
+    eval_templates(config.eval.get("templates"))  # a bad prompt list fails now, not at step 250
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   train.maybe_initialize_distributed(config)  # before anything (dump_config) touches jax

@@ -46,6 +46,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("throughput_b32", "Throughput b=32 (img/s)", ".1f"),
     ("peak_memory_mb", "Peak memory (MB)", ".1f"),
 )
+# Row keys that are captions, not measurements: the report states each distinct value once
+# under its title instead of putting it in a table.
+NOTE_KEYS: tuple[str, ...] = ("zero_shot_subset",)
 RATE_KEYS = frozenset(key for key, _, fmt in COLUMNS if fmt == "%")
 MISSING = "-"
 
@@ -113,7 +116,7 @@ def _present_columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, 
 
 
 def _extra_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-  known = {key for key, _, _ in COLUMNS}
+  known = {key for key, _, _ in COLUMNS} | set(NOTE_KEYS)
   extra: list[str] = []
   for row in rows:
     extra += [key for key in row if key not in known and key not in extra]
@@ -283,6 +286,9 @@ def write_report(rows: Sequence[Mapping[str, Any]],
            "Every number was measured by clipdistill_jax.evaluate; '-' = not measured."]
   if devices:
     notes.append(f"Device: {', '.join(devices)}.")
+  for key in NOTE_KEYS:
+    subsets = dict.fromkeys(str(row[key]) for row in rows if row.get(key))
+    notes += [f"Zero-shot evaluated on {subset}." for subset in subsets]
   markdown = ["# Results", "", *notes, "", format_table(rows, details=True), "",
               "![Comparison](comparison.png)", "", "![Training curves](training_curves.png)", ""]
   paths["markdown"].write_text("\n".join(markdown), encoding="utf-8")

@@ -294,16 +294,19 @@ def _resolve(image_path: str, base: str) -> str:
 
 def _tensor_columns(rows: dict[str, list]) -> dict:
   """read_manifest's columns as tensors. Captions: one string a row when every row has one
-  (a record's caption is then a scalar), else ragged [rows, (captions of the row)] (rank-1)."""
+  (a record's caption is then a scalar), else ragged [rows, (captions of the row)] (rank-1);
+  none for label-only rows (class folders, folder_source.class_folder_rows)."""
   tf = import_tf()
-  captions = rows["caption"]
-  if all(len(c) == 1 for c in captions):
-    caption_column = tf.constant([c[0] for c in captions], tf.string)
+  columns = {"image_path": tf.constant(rows["image_path"], tf.string)}
+  captions = rows.get("caption")
+  if captions is None:
+    pass
+  elif all(len(c) == 1 for c in captions):
+    columns["caption"] = tf.constant([c[0] for c in captions], tf.string)
   else:
-    caption_column = tf.RaggedTensor.from_row_lengths(
+    columns["caption"] = tf.RaggedTensor.from_row_lengths(
         tf.constant([c for row in captions for c in row], tf.string),
         tf.constant([len(row) for row in captions], tf.int64))
-  columns = {"image_path": tf.constant(rows["image_path"], tf.string), "caption": caption_column}
   if "label" in rows:
     columns["label"] = tf.constant(rows["label"], tf.int64)
   return columns

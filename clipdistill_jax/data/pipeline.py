@@ -1,6 +1,7 @@
 """Input pipelines: one config picks the source, every source yields the same batches.
 
-    data.source = 'synthetic' | 'tfds' | 'manifest' | 'tfrecord'   (default_data_config())
+    data.source = 'synthetic' | 'tfds' | 'manifest' | 'tfrecord' | 'webdataset' | 'folder'
+                  (default_data_config(); webdataset_source.py, folder_source.py)
 
 Training batches (make_train_iterator) are this host's slice of the global batch:
     image           float32 [b, S, S, 3]  NHWC, CLIP-normalized (OpenAI mean/std)
@@ -16,9 +17,10 @@ Order and resume. The order is a pure function of data.seed, the host and the st
   * synthetic: step s is global examples [s*B, (s+1)*B) of an endless stream, and host p
     takes its contiguous b of them, so hosts partition the global batch exactly and a
     resume at start_step computes its batches directly.
-  * manifest: rows are dealt round-robin to hosts; each host reads a seeded permutation of
-    its rows per epoch, and start_step jumps to (epoch, offset) without reading anything.
-  * tfrecord, tfds: files (tfds: even splits) per host, seeded file order and shuffle
+  * manifest, folder: rows (folder: images) are dealt round-robin to hosts; each host reads
+    a seeded permutation of its rows per epoch, and start_step jumps to (epoch, offset)
+    without reading anything.
+  * tfrecord, webdataset, tfds: files (tfds: even splits) per host, seeded file order and shuffle
     buffer; start_step skips the start_step * b records this host consumed. They are read
     but not decoded: fast next to training, yet on a large dataset deep into a run it takes
     a noticeable while at startup.
@@ -66,7 +68,9 @@ from clipdistill_jax.data.compat import (  # noqa: F401  (re-exported for the tr
 )
 from clipdistill_jax.data.synthetic import SyntheticCaptions
 
-SOURCES = ("synthetic", "tfds", "manifest", "tfrecord")
+SOURCES = ("synthetic", "tfds", "manifest", "tfrecord", "webdataset", "folder")
+# Sources read from data.path (and data.eval_path for evaluation).
+PATH_SOURCES = ("manifest", "tfrecord", "webdataset", "folder")
 
 _DEFAULTS: dict[str, Any] = {
     "source": "synthetic",
@@ -76,7 +80,9 @@ _DEFAULTS: dict[str, Any] = {
     "eval_split": "test",
     "data_dir": None,  # where the prepared tfds data lives (nothing is ever downloaded)
     # local files
-    "path": None,  # manifest (.jsonl/.csv/.tsv) or TFRecord glob(s), comma-separated
+    # manifest (.jsonl/.csv/.tsv); TFRecord glob(s), comma-separated; webdataset .tar shards
+    # (braces and globs: 'shard-{00000..00099}.tar'); folder: ROOT with one subfolder a class
+    "path": None,
     "eval_path": None,
     # features / columns (None: the usual names, e.g. 'image'/'caption', img2dataset 'jpg'/'txt')
     "image_key": None,
@@ -166,7 +172,7 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
   if cfg.num_views is not None and cfg.num_views < 1:
     raise ValueError(f"data.num_views={cfg.num_views} must be >= 1 (or None for a fresh "
                      "augmentation every read).")
-  if cfg.source in ("manifest", "tfrecord") and not cfg.path:
+  if cfg.source in PATH_SOURCES and not cfg.path:
     raise ValueError(f"data.source={cfg.source!r} needs data.path.")
   return cfg
 
@@ -198,6 +204,12 @@ def check_views(cfg) -> None:
   elif cfg.source == "tfds":
     fix = ("tfds streams carry no fixed example ids; write the split to TFRecords (with "
            "data.num_train_examples) or a manifest, or unset data.num_views")
+  elif cfg.source == "webdataset":
+    fix = ("webdataset shards are not supported by the views writer yet; convert them to "
+           "TFRecords or a manifest, or unset data.num_views")
+  elif cfg.source == "folder":
+    fix = ("class folders are captioned by templates, not one fixed caption per example; "
+           "unset data.num_views")
   elif cfg.source == "tfrecord" and cfg.num_train_examples is None:
     fix = ("an unbounded TFRecord stream has no fixed example ids; set "
            "data.num_train_examples (e.g. to the number of records)")
@@ -332,6 +344,13 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
     records = local.manifest_train_records(rows, seed=cfg.seed, start_position=start_position,
                                            num_examples=cfg.num_train_examples, **hosts)
     where = cfg.path
+  elif cfg.source == "folder":
+    from clipdistill_jax.data import folder_source, local
+
+    rows, class_names = folder_source.class_folder_rows(cfg.path, cfg.class_names)
+    records = local.manifest_train_records(rows, seed=cfg.seed, start_position=start_position,
+                                           num_examples=cfg.num_train_examples, **hosts)
+    where = cfg.path
   elif cfg.source == "tfrecord":
     from clipdistill_jax.data import local
 
@@ -340,6 +359,15 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
                                    label_key=None)
     records = local.tfrecord_train_records(
         files, keys, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+        start_position=start_position, num_parallel_calls=cfg.num_parallel_calls,
+        num_examples=cfg.num_train_examples, **hosts)
+    where = cfg.path
+  elif cfg.source == "webdataset":
+    from clipdistill_jax.data import webdataset_source
+
+    records = webdataset_source.webdataset_train_records(
+        webdataset_source.list_shards(cfg.path), image_key=cfg.image_key,
+        caption_key=cfg.caption_key, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
         start_position=start_position, num_parallel_calls=cfg.num_parallel_calls,
         num_examples=cfg.num_train_examples, **hosts)
     where = cfg.path
@@ -446,13 +474,20 @@ def make_eval_dataset(data_config, *, batch_size: int, image_size: int, context_
   from clipdistill_jax.data import tf_pipeline
 
   class_names = cfg.class_names
-  if cfg.source in ("manifest", "tfrecord"):
-    from clipdistill_jax.data import local
+  if cfg.source in PATH_SOURCES:
+    from clipdistill_jax.data import folder_source, local, webdataset_source
 
     path = split or cfg.eval_path
     if not path:
       raise ValueError(f"Evaluating data.source={cfg.source!r} needs data.eval_path (or split=).")
-    if cfg.source == "manifest":
+    if cfg.source == "folder":
+      rows, class_names = folder_source.class_folder_rows(path, cfg.class_names)
+      records, size = local.manifest_eval_records(rows, **hosts)
+    elif cfg.source == "webdataset":
+      records, size = webdataset_source.webdataset_eval_records(
+          webdataset_source.list_shards(path), image_key=cfg.image_key,
+          caption_key=cfg.caption_key, **hosts), None
+    elif cfg.source == "manifest":
       rows = local.read_manifest(path, image_key=cfg.image_key, caption_key=cfg.caption_key,
                                  label_key=cfg.label_key, quoting=cfg.manifest_quoting,
                                  skip_bad_rows=cfg.skip_bad_rows)

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from clipdistill_jax.data.folder_source import list_class_folder
 from clipdistill_jax.data.preprocess import (
     DEFAULT_MAX_IMAGE_PIXELS,
     CorruptImageError,
@@ -31,7 +32,6 @@ from clipdistill_jax.eval.prompts import get_templates, readable_class_names
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FOLDER_PREFIX = "folder:"
 SYNTHETIC_NAME = "synthetic"
 # The synthetic set is endless; evaluate this many examples unless told otherwise.
@@ -52,6 +52,9 @@ class ZeroShotDataset:
   num_examples: int | None     # None when unknown before reading
   _read: Callable[[int, list[int]], Iterator[Batch]] = dataclasses.field(repr=False)
   num_skipped: int = 0
+  # Set when eval.max_examples leaves out part of the set: which part, in words (the log and
+  # the report's caption say it); None when every example is evaluated.
+  subset: str | None = None
 
   def batches(self, batch_size: int) -> Iterator[Batch]:
     skipped = [0]
@@ -87,21 +90,13 @@ def load_zero_shot_dataset(name: str, split: str, image_size: int, data_dir: str
 def _folder_dataset(root: str, image_size: int, max_examples: int | None,
                     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ZeroShotDataset:
   root = os.path.expanduser(root)
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"{root} is not a directory; 'folder:PATH' wants PATH/<class>/<image> "
-                            "files, one subfolder per class.")
-  classes = sorted(entry.name for entry in os.scandir(root)
-                   if entry.is_dir() and not entry.name.startswith("."))
-  files = []
-  for label, class_dir in enumerate(classes):
-    for dirpath, _, filenames in sorted(os.walk(os.path.join(root, class_dir))):
-      files += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-  if not files:
-    raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/; "
-                            f"found class folders {classes[:10]}.")
+  classes, files = list_class_folder(root)
+  subset = None
   if max_examples is not None and max_examples < len(files):
     # A fixed random subset, so that every class is represented (not just the first ones).
+    subset = (f"a fixed random subset of {max_examples:,} of the {len(files):,} images under "
+              f"{root} (eval.max_examples={max_examples})")
+    logger.warning("Zero-shot folder:%s: evaluating %s.", root, subset)
     keep = np.sort(np.random.default_rng(0).permutation(len(files))[:max_examples])
     files = [files[i] for i in keep]
 
@@ -129,7 +124,7 @@ def _folder_dataset(root: str, image_size: int, max_examples: int | None,
 
   return ZeroShotDataset(
       name=f"{FOLDER_PREFIX}{root}", class_names=readable_class_names("folder", classes),
-      templates=get_templates("folder"), num_examples=len(files), _read=read)
+      templates=get_templates("folder"), num_examples=len(files), _read=read, subset=subset)
 
 
 def _read_image(path: str, image_size: int, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
@@ -185,8 +180,12 @@ def _tfds_dataset(name: str, split: str, image_size: int, data_dir: str | None,
                      f"'{image_key}' and '{label_key}'.")
   label_names = features[label_key].names
   num_examples = builder.info.splits[split].num_examples if split in builder.info.splits else None
-  if max_examples is not None and num_examples:
-    num_examples = min(num_examples, max_examples)
+  subset = None
+  if max_examples is not None and num_examples and max_examples < num_examples:
+    subset = (f"the first {max_examples:,} of the {num_examples:,} images of tfds "
+              f"{name}/{split} (eval.max_examples={max_examples})")
+    logger.warning("Zero-shot %s: evaluating %s.", name, subset)
+    num_examples = max_examples
 
   def read(batch_size: int, skipped: list[int]) -> Iterator[Batch]:
     try:
@@ -212,4 +211,5 @@ def _tfds_dataset(name: str, split: str, image_size: int, data_dir: str | None,
                     stacklevel=2)
 
   return ZeroShotDataset(name=name, class_names=readable_class_names(name, label_names),
-                         templates=get_templates(name), num_examples=num_examples, _read=read)
+                         templates=get_templates(name), num_examples=num_examples, _read=read,
+                         subset=subset)

@@ -122,10 +122,47 @@ def get_templates(name_or_dataset: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def _check_template(template: str) -> str:
-  if not isinstance(template, str) or template.count("{}") != 1:
-    raise ValueError(f"Template {template!r} must be a string with exactly one '{{}}' where the "
-                     "class name goes, e.g. 'a photo of a {}.'.")
-  return template
+  if isinstance(template, str) and template.count("{}") == 1:
+    try:
+      template.format("x")  # other braces ('{style}', '{0}') would fail at evaluation
+      return template
+    except (IndexError, KeyError, ValueError):
+      pass
+  raise ValueError(f"Template {template!r} must be a string with exactly one '{{}}' where the "
+                   "class name goes (and no other braces), e.g. 'a photo of a {}.'.")
+
+
+def eval_templates(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+  """config.eval.templates checked and resolved: None (each dataset's own), a template-set
+  name (TEMPLATE_SETS), one '{}' template, or a list/tuple of them (from a config file, or a
+  command line such as --config.eval.templates="('a photo of a {}.', 'a picture of a {}.')").
+
+  Unlike get_templates, a string that is neither a set name nor a template is an error (a
+  typo must not fall back to 'a photo of a {}.'). Raises ValueError naming the fix; called
+  before training so that a bad list fails in seconds, not at the first evaluation.
+  """
+  if value is None:
+    return None
+  example = ("e.g. --config.eval.templates=\"('a photo of a {}.', 'a picture of a {}.')\", "
+             f"or one of the sets {sorted(TEMPLATE_SETS)}")
+  if isinstance(value, str):
+    if value in TEMPLATE_SETS:
+      return TEMPLATE_SETS[value]
+    if "{}" not in value:
+      raise ValueError(f"eval.templates={value!r} is neither a template set nor a template with "
+                       f"'{{}}'; {example}.")
+    try:
+      return (_check_template(value),)
+    except ValueError as e:
+      raise ValueError(f"eval.templates: {e} For several templates give a list, {example}."
+                       ) from None
+  if not isinstance(value, Sequence) or not value:
+    raise ValueError(f"eval.templates={value!r}: give a non-empty list of '{{}}' templates, "
+                     f"{example}.")
+  try:
+    return tuple(_check_template(template) for template in value)
+  except ValueError as e:
+    raise ValueError(f"eval.templates: {e}") from None
 
 
 def fill_templates(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:

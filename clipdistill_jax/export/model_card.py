@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clipdistill_jax.data.pipeline import PATH_SOURCES
 from clipdistill_jax.export.run_dir import RESULT_ROWS, config_value
 
 CARD_FILE = "README.md"
@@ -67,7 +68,7 @@ def _recipe(config: dict[str, Any] | None) -> str:
   source = config_value(config, "data.source", "?")
   # data.name is only meaningful for tfds and data.path for files; the other stays a default.
   where = (config_value(config, "data.name") if source == "tfds"
-           else config_value(config, "data.path") if source in ("manifest", "tfrecord")
+           else config_value(config, "data.path") if source in PATH_SOURCES
            else None)
   examples = config_value(config, "data.num_train_examples")
   lines = [f"- recipe: `{recipe}`; loss weights: {active}",
