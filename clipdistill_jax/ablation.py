@@ -36,7 +36,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from clipdistill_jax import evaluate, experiment, recipes, report, train
+from clipdistill_jax import experiment, recipes, report, train
+from clipdistill_jax.eval.metrics import teacher_agreement
 from clipdistill_jax.models import hf
 from clipdistill_jax.models.clip import CLIPModel
 
@@ -126,7 +127,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         jax.device_get(trained["student_params"]))
     result = {"recipe": recipe, "steps": steps, "seed": seed, "train_wall_s": wall,
               "top1": scores["top1"], "top5": scores["top5"],
-              "teacher_agreement": evaluate.teacher_agreement(scores["predictions"],
+              "teacher_agreement": teacher_agreement(scores["predictions"],
                                                               teacher["predictions"]),
               "loss": {k: v for k, v in trained["metrics"].items() if k.startswith("loss/")}}
     if jax.process_index() == 0:

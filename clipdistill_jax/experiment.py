@@ -29,9 +29,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from clipdistill_jax import evaluate, recipes, report, train
+from clipdistill_jax import recipes, report, train
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.tokenizer import load_tokenizer
+from clipdistill_jax.eval import evaluate
+from clipdistill_jax.eval.datasets import load_zero_shot_dataset
+from clipdistill_jax.eval.metrics import teacher_agreement
+from clipdistill_jax.eval.stats import model_stats
 from clipdistill_jax.models import hf
 from clipdistill_jax.models.clip import CLIPModel
 from clipdistill_jax.writers import read_jsonl
@@ -51,7 +55,7 @@ class Evaluator:
     self.image_size, self.context_length = image_size, context_length
     self.tokenizer = load_tokenizer(config.get("tokenizer"))
     ec = config.eval
-    self.zero_shot = [evaluate.load_zero_shot_dataset(
+    self.zero_shot = [load_zero_shot_dataset(
         name, ec.get("zero_shot_split", "test"), image_size, data_dir=config.data.data_dir,
         max_examples=ec.max_examples) for name in ec.zero_shot]
     self.templates = ec.templates
@@ -112,7 +116,7 @@ def evaluate_models(config: ml_collections.ConfigDict,
     if retrieval:
       row.update({f"retrieval_{k}": retrieval[k] for k in
                   ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")})
-    stats = evaluate.model_stats(model, params, batch_sizes=(1, 32),
+    stats = model_stats(model, params, batch_sizes=(1, 32),
                                  repeats=config.eval.get("stats_repeats", 5))
     row.update({k: stats[k] for k in ("params_m", "size_mb_fp32", "size_mb_bf16",
                                       "latency_ms_b1", "throughput_b32", "peak_memory_mb",
@@ -121,7 +125,7 @@ def evaluate_models(config: ml_collections.ConfigDict,
   if TEACHER in predictions:
     for row in rows:
       if row["model"] in predictions:
-        row["teacher_agreement"] = evaluate.teacher_agreement(predictions[row["model"]],
+        row["teacher_agreement"] = teacher_agreement(predictions[row["model"]],
                                                               predictions[TEACHER])
   return rows
 

@@ -2,7 +2,7 @@
 
 Layers are numbered 1..L, as hidden states are: `hidden_states[j]` is layer j's output and
 `attentions[j-1]` its attention probabilities; a layer map is a tuple of (student_layer,
-teacher_layer) pairs (layer_map.py, re-exported here).
+teacher_layer) pairs (models/layer_map.py).
 
 Global batch. `contrastive_loss` and `logit_kl_loss` compare every image with every text of
 the batch. The trainer calls them inside `jax.jit` on the global (sharded) arrays, where GSPMD
@@ -24,15 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clipdistill_jax.layer_map import (  # noqa: F401  (re-exported for configs/trainer)
-    LayerMap,
-    layer_map_from_teacher_layers,
-    resolve_layer_map,
-    uniform_layer_map,
-    validate_layer_map,
-)
 from clipdistill_jax.models.clip import CLIPOutput
 from clipdistill_jax.models.config import CLIPConfig
+from clipdistill_jax.models.layer_map import LayerMap, validate_layer_map
 
 Array = jax.Array
 
@@ -381,7 +375,7 @@ class DistillLoss:
           and not getattr(self, f"text_{kind}_layers")):
         raise ValueError(f"the '{kind}' loss has weight {self.weights[kind]} but no layers: set "
                          f"vision_{kind}_layers and/or text_{kind}_layers, e.g. "
-                         "resolve_layer_map('uniform', n_student, n_teacher).")
+                         "layer_map.resolve_layer_map('uniform', n_student, n_teacher).")
 
   @property
   def active_components(self) -> tuple[str, ...]:

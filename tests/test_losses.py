@@ -14,13 +14,15 @@ from clipdistill_jax.losses import (
     contrastive_loss,
     embedding_feature_loss,
     hidden_state_loss,
-    layer_map_from_teacher_layers,
     logit_kl_loss,
-    resolve_layer_map,
-    uniform_layer_map,
 )
 from clipdistill_jax.models.clip import CLIPModel, CLIPOutput, init_params
 from clipdistill_jax.models.config import tiny_config
+from clipdistill_jax.models.layer_map import (
+    layer_map_from_teacher_layers,
+    resolve_layer_map,
+    uniform_layer_map,
+)
 from clipdistill_jax.models.student import student_config
 
 RNG = np.random.default_rng(0)
