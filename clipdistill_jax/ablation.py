@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from clipdistill_jax import experiment, recipes, report, train
+from clipdistill_jax import experiment, recipes, report, run_builder, train
 from clipdistill_jax.eval.metrics import teacher_agreement
 from clipdistill_jax.models import hf
 from clipdistill_jax.models.clip import CLIPModel
@@ -97,7 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if not student_file.exists():  # every host writes the same file, atomically: no race
     out.mkdir(parents=True, exist_ok=True)
     tmp = student_file.with_suffix(f".tmp{jax.process_index()}")
-    train.make_student_config(config.student, teacher_config).to_json_file(tmp)
+    run_builder.make_student_config(config.student, teacher_config).to_json_file(tmp)
     tmp.replace(student_file)
   evaluator = experiment.Evaluator(config, teacher_config.vision_config.image_size,
                                    teacher_config.text_config.max_position_embeddings)

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from clipdistill_jax import recipes, report, train
+from clipdistill_jax import recipes, report, run_builder, train
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.tokenizer import load_tokenizer
 from clipdistill_jax.eval import evaluate
@@ -79,13 +79,13 @@ class Evaluator:
 
 
 def make_eval_fn(config: ml_collections.ConfigDict
-                 ) -> Callable[[int, train.Models, Any], dict] | None:
+                 ) -> Callable[[int, run_builder.Models, Any], dict] | None:
   """The trainer's periodic hook: zero-shot top-1/top-5 of the student on each dataset."""
   if not config.eval.get("zero_shot") or not config.eval.get("every"):
     return None
   evaluator: list[Evaluator] = []
 
-  def eval_fn(step: int, models: train.Models, student_params: Any) -> dict:
+  def eval_fn(step: int, models: run_builder.Models, student_params: Any) -> dict:
     if not evaluator:
       s = models.student_config
       evaluator.append(Evaluator(config, s.vision_config.image_size,

@@ -287,13 +287,13 @@ class _Teacher:
   """The teacher of a config placed on its mesh, as both writers run it."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    from clipdistill_jax import sharding, train
+    from clipdistill_jax import run_builder, sharding
 
     self.config = config
-    self.models = train.build_models(config)
+    self.models = run_builder.build_models(config)
     self.mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     self.logit_scale = teacher_logit_scale(self.models.teacher_params)
-    self.params, self.shardings = train.place_teacher(self.models, self.mesh,
+    self.params, self.shardings = run_builder.place_teacher(self.models, self.mesh,
                                                       config.mesh.rules)
     self.image_size = self.models.student_config.vision_config.image_size
 

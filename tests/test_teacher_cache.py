@@ -11,7 +11,7 @@ import pytest
 from test_data import png_bytes, write_jsonl
 from tiny_models import tiny_distill_config
 
-from clipdistill_jax import teacher_cache, train
+from clipdistill_jax import run_builder, teacher_cache, train
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.synthetic import SyntheticCaptions
 from clipdistill_jax.data.tokenizer import load_tokenizer
@@ -46,7 +46,7 @@ def test_cache_round_trip_in_training_order(teacher_dir, tmp_path):
 
   cache = teacher_cache.TeacherCache(out)
   cache.check_config(config, process_count=1)
-  models = train.build_models(config)
+  models = run_builder.build_models(config)
   batches = pipeline.make_train_iterator(
       config.data, global_batch_size=8, image_size=models.student_config.vision_config.image_size,
       context_length=models.context_length, tokenizer=load_tokenizer(None), process_index=0,
@@ -184,7 +184,7 @@ def test_views_cache_round_trip(teacher_dir, manifest, tmp_path):
   assert rows["image_embeds"].shape == rows["text_embeds"].shape == (ROWS, 24)
   assert rows["augmentation"].shape == (ROWS, 4) and rows["valid"].all()
 
-  models = train.build_models(config)
+  models = run_builder.build_models(config)
   batches = pipeline.make_train_iterator(
       config.data, global_batch_size=8, image_size=32, context_length=models.context_length,
       tokenizer=load_tokenizer(None), process_index=0, process_count=1)

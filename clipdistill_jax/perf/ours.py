@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from clipdistill_jax import optim, sharding, teacher_cache, train
+from clipdistill_jax import optim, run_builder, sharding, teacher_cache
 from clipdistill_jax.models import hf
 from clipdistill_jax.perf import common
 
@@ -71,8 +71,8 @@ def _build(spec: dict[str, Any]) -> _Built:
   devices = jax.devices()[:spec.get("num_devices") or jax.device_count()]
 
   # --- models, loss, optimizer (the trainer's functions) ---------------------------------
-  models = train.build_models(config)
-  loss = train.make_loss(config, models)
+  models = run_builder.build_models(config)
+  loss = run_builder.make_loss(config, models)
   if cached:  # cached embeddings carry no logit scale: use the teacher's (as the cache does)
     loss = dataclasses.replace(
         loss, teacher_logit_scale=teacher_cache.teacher_logit_scale(models.teacher_params))
@@ -80,10 +80,10 @@ def _build(spec: dict[str, Any]) -> _Built:
 
   # --- mesh and sharded state ------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices=devices)
-  state, state_shardings = train.init_state(config, models, loss, tx, mesh, jax.random.key(0))
+  state, state_shardings = run_builder.init_state(config, models, loss, tx, mesh, jax.random.key(0))
   state["params"]["student"] = sharding.put_tree(  # the peer's starting point too
       _student_params(spec["student_dir"]), state_shardings["params"]["student"])
-  teacher_params, teacher_shardings = train.place_teacher(models, mesh, config.mesh.rules)
+  teacher_params, teacher_shardings = run_builder.place_teacher(models, mesh, config.mesh.rules)
 
   host_batch = common.make_batch(spec["batch_size"], **spec["batch_shape"], seed=spec["seed"])
   if cached:  # what the cache holds for this batch; then the teacher leaves the device
@@ -95,7 +95,7 @@ def _build(spec: dict[str, Any]) -> _Built:
 
   # --- the jitted step, exactly as train.train() builds it -------------------------------
   step_fn = jax.jit(
-      train.make_train_step(models, loss, tx, schedule, config.optim.max_logit_scale,
+      run_builder.make_train_step(models, loss, tx, schedule, config.optim.max_logit_scale,
                             cached_teacher=cached),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
