@@ -229,3 +229,72 @@ def make_train_step(models: Models, loss: losses.DistillLoss, tx, schedule,
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   return train_step
+
+
+# ----------------------------------------------------------------------------------------
+# The whole chain
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+  """One assembled run, ready to step.
+
+  step_fn(state, batch, teacher_params) -> (state, metrics) is jitted with the state's
+  shardings, the batch split over the mesh's ('data', 'fsdp') axes and the metrics
+  replicated; it donates `state`. teacher_params is the frozen teacher on the mesh, None
+  where the teacher does not run (no teacher, or its embeddings come from a cache).
+  """
+  models: Models
+  loss: losses.DistillLoss
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: jax.sharding.Mesh
+  state: dict[str, Any]
+  state_shardings: Any
+  teacher_params: Any
+  teacher_shardings: Any
+  step_fn: Callable
+
+
+def build_run(config: ml_collections.ConfigDict, models: Models | None = None, *,
+              mesh: jax.sharding.Mesh | None = None, rng: jax.Array | None = None,
+              cached_teacher_logit_scale: float | None = None) -> Run:
+  """models -> loss -> optimizer -> mesh -> sharded state -> teacher placement -> jitted step.
+
+  models: build_models(config) unless given (the trainer builds them first, for its
+  evaluators). mesh: config.mesh over all devices unless given. rng: the init key,
+  jax.random.key(config.seed) unless given. cached_teacher_logit_scale: the teacher's
+  embeddings come from a cache (teacher_cache.py) instead of running it; the loss rebuilds
+  its logits at this scale and its weights are dropped, never placed. The optimizer's
+  schedule spans train.total_steps // optim.grad_accum_steps updates.
+  Raises ValueError when train.batch_size does not split over the data-parallel devices, and
+  ConfigError for a config that cannot run (init_state).
+  """
+  models = build_models(config) if models is None else models
+  loss = make_loss(config, models)
+  cached = cached_teacher_logit_scale is not None
+  if cached:
+    loss = dataclasses.replace(loss, teacher_logit_scale=cached_teacher_logit_scale)
+    models.teacher_params = None
+  tx, schedule = optim.make_optimizer(
+      config.optim, config.train.total_steps // config.optim.grad_accum_steps)
+
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes) if mesh is None else mesh
+  batch_size, parallel = config.train.batch_size, sharding.data_parallel_size(mesh)
+  if batch_size % parallel:
+    raise ValueError(f"train.batch_size={batch_size} is not divisible by the {parallel} "
+                     f"data-parallel devices of mesh {dict(mesh.shape)}.")
+  rng = jax.random.key(config.seed) if rng is None else rng
+  state, state_shardings = init_state(config, models, loss, tx, mesh, rng)
+  teacher_params = teacher_shardings = None
+  if models.teacher_params is not None:
+    teacher_params, teacher_shardings = place_teacher(models, mesh, config.mesh.rules)
+
+  step_fn = jax.jit(
+      make_train_step(models, loss, tx, schedule, config.optim.max_logit_scale,
+                      cached_teacher=cached),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  return Run(models, loss, tx, schedule, mesh, state, state_shardings, teacher_params,
+             teacher_shardings, step_fn)

@@ -6,7 +6,6 @@ comes from the ml_collections config (configs/*.py document them).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -20,17 +19,10 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from clipdistill_jax import checkpoints, optim, sharding, teacher_cache
+from clipdistill_jax import checkpoints, sharding, teacher_cache
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.tokenizer import load_tokenizer
-from clipdistill_jax.run_builder import (
-    Models,
-    build_models,
-    init_state,
-    make_loss,
-    make_train_step,
-    place_teacher,
-)
+from clipdistill_jax.run_builder import Models, build_models, build_run
 from clipdistill_jax.writers import JsonlWriter
 
 
@@ -80,34 +72,21 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   Path(workdir).mkdir(parents=True, exist_ok=True)
   tc = config.train
 
-  # --- models, loss, optimizer ----------------------------------------------------------
+  # --- models, teacher cache, then the run: loss, optimizer, mesh, state, step -----------
   models = build_models(config)
-  loss = make_loss(config, models)
-  steps_per_update = config.optim.get("grad_accum_steps", 1)
-  tx, schedule = optim.make_optimizer(config.optim, tc.total_steps // steps_per_update)
   if jax.process_index() == 0:
     models.student_config.to_json_file(Path(workdir) / "student_config.json")
-
-  # --- mesh and sharded state -----------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
-  if tc.batch_size % sharding.data_parallel_size(mesh):
-    raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by the "
-                     f"{sharding.data_parallel_size(mesh)} data-parallel devices of mesh "
-                     f"{dict(mesh.shape)}.")
-  rng = jax.random.key(config.seed)
-  state, state_shardings = init_state(config, models, loss, tx, mesh, rng)
   cache = None
-  if config.teacher.get("cache_dir"):
+  if config.teacher.cache_dir:
     # The teacher's embeddings come from disk (teacher_cache.py): it never runs here.
     cache = teacher_cache.TeacherCache(config.teacher.cache_dir)
     cache.check_config(config, jax.process_count(),
                        image_size=models.student_config.vision_config.image_size,
                        context_length=models.context_length)
-    loss = dataclasses.replace(loss, teacher_logit_scale=cache.teacher_logit_scale)
-    models.teacher_params = None
-  teacher_params = None
-  if models.teacher is not None and cache is None:
-    teacher_params, teacher_shardings = place_teacher(models, mesh, config.mesh.rules)
+  run = build_run(config, models,
+                  cached_teacher_logit_scale=None if cache is None else cache.teacher_logit_scale)
+  mesh, state, state_shardings = run.mesh, run.state, run.state_shardings
+  step_fn, teacher_params = run.step_fn, run.teacher_params
 
   # --- restore ---------------------------------------------------------------------------
   manager = checkpoints.make_manager(workdir, save_every=tc.checkpoint_every,
@@ -124,16 +103,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   meta = {"student_config": models.student_config.to_dict(),
           "teacher_source": config.teacher.get("source"), "global_batch_size": tc.batch_size}
-
-  # --- the jitted step -------------------------------------------------------------------
-  batch_shard = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(
-      make_train_step(models, loss, tx, schedule, config.optim.max_logit_scale,
-                      cached_teacher=cache is not None),
-      in_shardings=(state_shardings, batch_shard,
-                    None if teacher_params is None else teacher_shardings),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
 
   # --- data ------------------------------------------------------------------------------
   tokenizer = load_tokenizer(config.get("tokenizer"))
