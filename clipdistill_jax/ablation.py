@@ -37,6 +37,7 @@ import numpy as np
 from absl import logging
 
 from clipdistill_jax import experiment, recipes, report, run_builder, train
+from clipdistill_jax.eval.evaluators import EvalData
 from clipdistill_jax.eval.metrics import teacher_agreement
 from clipdistill_jax.models import hf
 from clipdistill_jax.models.clip import CLIPModel
@@ -99,7 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tmp = student_file.with_suffix(f".tmp{jax.process_index()}")
     run_builder.make_student_config(config.student, teacher_config).to_json_file(tmp)
     tmp.replace(student_file)
-  evaluator = experiment.Evaluator(config, teacher_config.vision_config.image_size,
+  evaluator = EvalData(config, teacher_config.vision_config.image_size,
                                    teacher_config.text_config.max_position_embeddings)
   teacher_file = out / "teacher.json"
   if teacher_file.exists():
@@ -144,7 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return {"summary": summary, "runs": results, "teacher": teacher}
 
 
-def _zero_shot(config, evaluator: experiment.Evaluator, model: CLIPModel, params) -> dict:
+def _zero_shot(config, evaluator: EvalData, model: CLIPModel, params) -> dict:
   main = evaluator.zero_shot_scores(model, params)[config.eval.zero_shot[0]]
   return {"top1": float(main["top1"]), "top5": float(main["top5"]),
           "num_examples": int(main["num_examples"]),

@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
     elif mode == "ablation":
       ablation.run(config, workdir)
     else:
-      train.train(config, workdir, eval_fn=experiment.make_eval_fn(config))
+      train.train(config, workdir)
   except (FileNotFoundError, IncompatibleInputsError, TooManyCorruptImagesError,
           train.NonFiniteLossError, run_builder.ConfigError, teacher_cache.TeacherCacheError) as e:
     # Problems the user can fix: say what and how, without a traceback.

@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jax
 import ml_collections
@@ -22,7 +20,8 @@ from clu import metric_writers, periodic_actions
 from clipdistill_jax import checkpoints, sharding, teacher_cache
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.tokenizer import load_tokenizer
-from clipdistill_jax.run_builder import Models, build_models, build_run
+from clipdistill_jax.eval.evaluators import build_evaluators
+from clipdistill_jax.run_builder import build_models, build_run
 from clipdistill_jax.writers import JsonlWriter
 
 
@@ -40,7 +39,7 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   On Cloud TPU pods `jax.distributed.initialize()` finds its peers by itself; elsewhere set
   JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or config.distributed).
   """
-  wanted = config.get("distributed", "auto")
+  wanted = config.distributed
   if wanted == "auto":
     wanted = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or (
         len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
@@ -60,12 +59,11 @@ def make_writer(workdir: str) -> metric_writers.MetricWriter:
       JsonlWriter(Path(workdir) / "metrics.jsonl")])
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          eval_fn: Callable[[int, Models, Any], dict] | None = None) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) one training run in `workdir`; returns the final metrics.
 
-  eval_fn(step, models, student_params) -> scalars, called every config.eval.every steps and
-  at the end; its results are logged with the training metrics.
+  The evaluators config.evals names (eval/evaluators.py) are built, their data opened,
+  before step 1; they run at their steps and at the end, logged with the training metrics.
   """
   maybe_initialize_distributed(config)
   workdir = str(workdir)
@@ -76,6 +74,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   models = build_models(config)
   if jax.process_index() == 0:
     models.student_config.to_json_file(Path(workdir) / "student_config.json")
+  evaluators = build_evaluators(config, models)  # before build_run takes the teacher's params
   cache = None
   if config.teacher.cache_dir:
     # The teacher's embeddings come from disk (teacher_cache.py): it never runs here.
@@ -102,10 +101,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     logging.info("Resumed from %s at step %d.", manager.directory, start_step)
 
   meta = {"student_config": models.student_config.to_dict(),
-          "teacher_source": config.teacher.get("source"), "global_batch_size": tc.batch_size}
+          "teacher_source": config.teacher.source, "global_batch_size": tc.batch_size}
 
   # --- data ------------------------------------------------------------------------------
-  tokenizer = load_tokenizer(config.get("tokenizer"))
+  tokenizer = load_tokenizer(config.tokenizer)
   batches = pipeline.make_train_iterator(
       config.data, global_batch_size=tc.batch_size,
       image_size=models.student_config.vision_config.image_size,
@@ -140,8 +139,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         metrics.update(batches.metrics())  # this host's read / skipped image counts
         writer.write_scalars(step, {k: float(v) for k, v in metrics.items()})
         timer = time.perf_counter()
-      if eval_fn is not None and (step % config.eval.every == 0 or step == tc.total_steps):
-        writer.write_scalars(step, eval_fn(step, models, state["params"]["student"]))
+      if evaluators.due(step):
+        writer.write_scalars(step, evaluators(step, state["params"]["student"]))
       checkpoints.save(manager, step, state, {**meta, "step": step, "input_position": step},
                        force=step == tc.total_steps)
       last_metrics = metrics
