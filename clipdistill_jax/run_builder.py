@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from clipdistill_jax import losses, optim, sharding
-from clipdistill_jax.data import pipeline
+from clipdistill_jax.data.compat import check_compatible
 from clipdistill_jax.models import hf, student
 from clipdistill_jax.models.clip import CLIPModel, CLIPOutput, dummy_inputs
 from clipdistill_jax.models.config import CLIPConfig, tiny_config
@@ -51,26 +51,26 @@ class ConfigError(ValueError):
 def build_models(config: ml_collections.ConfigDict) -> Models:
   """Loads the teacher from its source and derives the student's config from it."""
   teacher_config = teacher_params = teacher = None
-  if config.teacher.get("source"):
+  if config.teacher.source:
     try:
       teacher_config, teacher_params = hf.load_pretrained(
-          config.teacher.source, allow_pickle=config.teacher.get("allow_pickle", False))
+          config.teacher.source, allow_pickle=config.teacher.allow_pickle)
     except FileNotFoundError as e:
       raise FileNotFoundError(
           f"{e}\nThe teacher could not be loaded. Point at a local copy with "
           "--config.teacher.source=/path/to/clip-vit-base-patch32, or run the offline demo, "
           "which needs no download: python -m clipdistill_jax.main --config configs/demo.py "
           "--workdir /tmp/demo") from e
-    dtype = DTYPES[config.teacher.get("dtype", "float32")]
+    dtype = DTYPES[config.teacher.dtype]
     teacher = CLIPModel(teacher_config, dtype=dtype, param_dtype=dtype)
     teacher_params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype), teacher_params)
   student_config = make_student_config(config.student, teacher_config)
-  dtype = DTYPES[config.student.get("dtype", "float32")]
+  dtype = DTYPES[config.student.dtype]
   model = CLIPModel(student_config, dtype=dtype,
-                    remat_policy=config.student.get("remat_policy", "none"))
+                    remat_policy=config.student.remat_policy)
   context_length = student_config.text_config.max_position_embeddings
   if teacher_config is not None:
-    context_length = pipeline.check_compatible(teacher_config, student_config).context_length
+    context_length = check_compatible(teacher_config, student_config).context_length
   return Models(student_config, model, teacher_config, teacher, teacher_params, context_length)
 
 
@@ -159,11 +159,11 @@ def init_state(config, models: Models, loss: losses.DistillLoss, tx, mesh, rng):
 
   abstract = jax.eval_shape(init_boxed, student_rng, projector_rng)
   shardings = sharding.param_shardings(abstract, mesh, rules)
-  if config.student.get("init", "random") == "inherit":
+  if config.student.init == "inherit":
     inherited = student.inherit_params(
         models.teacher_params, models.teacher_config, models.student_config,
-        vision_layers=config.student.get("inherit_vision_layers"),
-        text_layers=config.student.get("inherit_text_layers"))
+        vision_layers=config.student.inherit_vision_layers,
+        text_layers=config.student.inherit_text_layers)
     state = jax.jit(lambda s, r: _with_params(init_boxed(student_rng, r), s),
                     out_shardings=shardings)(inherited, projector_rng)
   else:

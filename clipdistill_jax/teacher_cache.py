@@ -106,16 +106,16 @@ def check_cacheable(config: ml_collections.ConfigDict) -> None:
         f"attention=0 (cached mode supports {', '.join(CACHED_LOSSES)}), or "
         "unset teacher.cache_dir to run the teacher live.")
   data = config.data
-  augmented = float(data.get("crop_min_scale", 1.0)) < 1.0 or bool(data.get("flip", False))
-  if augmented and data.get("num_views") is None:
+  augmented = float(data.crop_min_scale) < 1.0 or bool(data.flip)
+  if augmented and data.num_views is None:
     raise TeacherCacheError(
         "a step teacher cache holds one teacher output per example read, but random "
-        f"augmentation is on (data.crop_min_scale={data.get('crop_min_scale')}, data.flip="
-        f"{data.get('flip')}): each step would see another crop/flip than the cached one. "
+        f"augmentation is on (data.crop_min_scale={data.crop_min_scale}, data.flip="
+        f"{data.flip}): each step would see another crop/flip than the cached one. "
         "Write a multi-view cache instead (python -m clipdistill_jax.teacher_cache ... --views "
         "K, then train with --config.data.num_views=K), or set --config.data.crop_min_scale=1.0 "
         "--config.data.flip=False, or run the teacher live.")
-  if not config.teacher.get("source"):
+  if not config.teacher.source:
     raise TeacherCacheError("cached teacher mode needs teacher.source (the teacher the cache "
                             "was written with).")
 
@@ -125,10 +125,10 @@ def data_fingerprint(config: ml_collections.ConfigDict, process_count: int) -> d
   data = json.loads(json.dumps(config.data.to_dict(), sort_keys=True, default=str))
   if data.get("num_views", 0) is None:
     del data["num_views"]  # caches written before the knob existed stay valid
-  key = {"data": data, "tokenizer": config.get("tokenizer"),
+  key = {"data": data, "tokenizer": config.tokenizer,
          "global_batch_size": int(config.train.batch_size), "process_count": process_count,
          "teacher_source": str(config.teacher.source),
-         "teacher_dtype": config.teacher.get("dtype", "float32")}
+         "teacher_dtype": config.teacher.dtype}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   return {**key, "hash": digest}
 
@@ -138,9 +138,9 @@ def views_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   cache serves a config iff these match (image size and context length are checked apart)."""
   data = config.data
   views_data = json.loads(json.dumps({k: data.get(k) for k in VIEW_DATA_KEYS}, default=str))
-  key = {"data": views_data, "tokenizer": config.get("tokenizer"),
+  key = {"data": views_data, "tokenizer": config.tokenizer,
          "teacher_source": str(config.teacher.source),
-         "teacher_dtype": config.teacher.get("dtype", "float32")}
+         "teacher_dtype": config.teacher.dtype}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   return {**key, "hash": digest}
 
@@ -181,7 +181,7 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
   cache written with other settings.
   """
   if views is not None:
-    given = config.data.get("num_views")
+    given = config.data.num_views
     if given is not None and int(given) != int(views):
       raise TeacherCacheError(f"--views={views} but the config sets data.num_views={given}; "
                               "give one of them.")
@@ -189,7 +189,7 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
     with config.unlocked():
       config.data.num_views = int(views)
   check_cacheable(config)
-  if config.data.get("num_views") is not None:
+  if config.data.num_views is not None:
     from clipdistill_jax.data import pipeline
 
     if num_steps is not None or num_examples is not None:
@@ -250,7 +250,7 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
     log(f"resuming the teacher cache at step {first_missing} of {num_steps}")
   batches = pipeline.make_train_iterator(
       config.data, global_batch_size=batch_size, image_size=teacher.image_size,
-      context_length=models.context_length, tokenizer=load_tokenizer(config.get("tokenizer")),
+      context_length=models.context_length, tokenizer=load_tokenizer(config.tokenizer),
       process_index=host, process_count=hosts, start_step=first_missing)
   started = time.perf_counter()
   with jax.set_mesh(mesh):
@@ -301,7 +301,7 @@ class _Teacher:
     teacher_config = self.models.teacher_config
     return {"format_version": FORMAT_VERSION, "complete": False,
             "teacher_source": str(self.config.teacher.source),
-            "teacher_dtype": self.config.teacher.get("dtype", "float32"),
+            "teacher_dtype": self.config.teacher.dtype,
             "teacher_config": teacher_config.to_dict(), "teacher_logit_scale": self.logit_scale,
             "projection_dim": teacher_config.projection_dim, "dtype": "bfloat16",
             "image_size": self.image_size, "context_length": self.models.context_length}
@@ -360,7 +360,7 @@ def _write_views_cache(config: ml_collections.ConfigDict, out: Path, *, store_po
     first_missing = int(multihost_utils.broadcast_one_to_all(np.int64(first_missing)))
   examples = pipeline.make_views_iterator(
       config.data, global_batch_size=batch_size, image_size=teacher.image_size,
-      context_length=models.context_length, tokenizer=load_tokenizer(config.get("tokenizer")),
+      context_length=models.context_length, tokenizer=load_tokenizer(config.tokenizer),
       process_index=host, process_count=hosts, start_example=first_missing)
   total = examples.num_examples
   manifest = {
@@ -502,7 +502,7 @@ class TeacherCache:
             f"models take {name}={want}. Write a cache for this config.")
     if self.kind == "views":
       return
-    views = config.data.get("num_views")
+    views = config.data.num_views
     if views is not None:
       raise TeacherCacheError(
           f"the teacher cache in {self.directory} holds one teacher output per training step, "
@@ -524,7 +524,7 @@ class TeacherCache:
           f"for {total}. Rerun the writer with --num_steps={total}, or lower train.total_steps.")
 
   def _check_views_config(self, config: ml_collections.ConfigDict) -> None:
-    views, have_views = config.data.get("num_views"), self.num_views
+    views, have_views = config.data.num_views, self.num_views
     if views is None or int(views) != have_views:
       raise TeacherCacheError(
           f"the teacher cache in {self.directory} holds {have_views} augmented views per "
@@ -689,12 +689,12 @@ def main(argv: list[str]) -> None:
   from clipdistill_jax import recipes
 
   f = flags.FLAGS
-  out = f.config.teacher.get("cache_dir") or os.path.join(f.workdir, "teacher_cache")
+  out = f.config.teacher.cache_dir or os.path.join(f.workdir, "teacher_cache")
   try:
     config = recipes.apply_recipe(f.config)  # the losses a recipe names decide what is cached
   except ValueError as e:  # an unknown recipe name
     raise SystemExit(f"error: {e}") from None
-  views = f.views if f.views is not None else config.data.get("num_views")
+  views = f.views if f.views is not None else config.data.num_views
   try:
     write_teacher_cache(config, out, num_steps=f.num_steps, num_examples=f.num_examples,
                         views=f.views, store_pooled=f.store_pooled,

@@ -110,8 +110,8 @@ def _build(spec: dict[str, Any]) -> _Built:
       "name": spec["name"], "framework": f"jax {jax.__version__}",
       "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
       "num_devices": len(devices), "cached_teacher": cached,
-      "teacher_dtype": config.teacher.get("dtype", "float32"),
-      "remat_policy": config.student.get("remat_policy", "none"),
+      "teacher_dtype": config.teacher.dtype,
+      "remat_policy": config.student.remat_policy,
       "setup_s": setup_s, "compile_s": compile_s, "xla_flops": xla_flops(compiled),
       "first_step_losses": first, "persistent_bytes": persistent,
   }
