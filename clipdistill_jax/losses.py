@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clipdistill_jax.models.clip import CLIPOutput
+from clipdistill_jax.models.clip import CLIPOutput, l2_normalize
 from clipdistill_jax.models.config import CLIPConfig
 from clipdistill_jax.models.layer_map import LayerMap, validate_layer_map
 
@@ -126,11 +126,6 @@ def _require(x, what: str):
 # ----------------------------------------------------------------------------------------
 
 
-def _l2_normalize(x: Array) -> Array:
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
-
-
 def embedding_feature_loss(student_embeds: Array, teacher_embeds: Array) -> Array:
   """Mean cosine distance 1 - cos(s, t) over the batch.
 
@@ -140,7 +135,7 @@ def embedding_feature_loss(student_embeds: Array, teacher_embeds: Array) -> Arra
   if student_embeds.shape != teacher_embeds.shape:
     raise ValueError(f"embeddings differ in shape: student {student_embeds.shape} vs teacher "
                      f"{teacher_embeds.shape}; project the student's with FeatureProjectors.")
-  cos = jnp.sum(_l2_normalize(student_embeds) * _l2_normalize(teacher_embeds), axis=-1)
+  cos = jnp.sum(l2_normalize(student_embeds) * l2_normalize(teacher_embeds), axis=-1)
   return jnp.mean(1.0 - cos)
 
 
@@ -156,7 +151,7 @@ def fd_loss(student_embeds: Array, teacher_embeds: Array) -> Array:
   if student_embeds.shape != teacher_embeds.shape:
     raise ValueError(f"embeddings differ in shape: student {student_embeds.shape} vs teacher "
                      f"{teacher_embeds.shape}; project the student's with FeatureProjectors.")
-  diff = _l2_normalize(student_embeds) - _l2_normalize(teacher_embeds)
+  diff = l2_normalize(student_embeds) - l2_normalize(teacher_embeds)
   return jnp.mean(jnp.sum(diff * diff, axis=-1))
 
 
@@ -177,8 +172,8 @@ def icl_loss(student_image_embeds: Array, student_text_embeds: Array,
     if s.shape != t.shape:
       raise ValueError(f"ICL: student {name} embeddings {s.shape} vs teacher {t.shape}; project "
                        "the student's into the teacher's width first.")
-  s_image, s_text = _l2_normalize(student_image_embeds), _l2_normalize(student_text_embeds)
-  t_image, t_text = _l2_normalize(teacher_image_embeds), _l2_normalize(teacher_text_embeds)
+  s_image, s_text = l2_normalize(student_image_embeds), l2_normalize(student_text_embeds)
+  t_image, t_text = l2_normalize(teacher_image_embeds), l2_normalize(teacher_text_embeds)
   image_to_text = logit_scale * jnp.matmul(s_image, t_text.T)
   text_to_image = logit_scale * jnp.matmul(s_text, t_image.T)
   diagonal_ce = lambda logits: -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
@@ -296,7 +291,7 @@ def teacher_logits_per_image(teacher_out: CLIPOutput, default_logit_scale: float
   if override_logit_scale is not None:
     image = _require(teacher_out.image_embeds, "teacher image_embeds")
     text = _require(teacher_out.text_embeds, "teacher text_embeds")
-    return override_logit_scale * jnp.matmul(_l2_normalize(image), _l2_normalize(text).T)
+    return override_logit_scale * jnp.matmul(l2_normalize(image), l2_normalize(text).T)
   if teacher_out.logits_per_image is not None:
     return teacher_out.logits_per_image
   image = _require(teacher_out.image_embeds, "teacher image_embeds")
