@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from clipdistill_jax import checkpoints, sharding, teacher_cache
+from clipdistill_jax import checkpoints, sharding, teacher_cache_reader
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.tokenizer import load_tokenizer
 from clipdistill_jax.eval.evaluators import build_evaluators
@@ -78,7 +78,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cache = None
   if config.teacher.cache_dir:
     # The teacher's embeddings come from disk (teacher_cache.py): it never runs here.
-    cache = teacher_cache.TeacherCache(config.teacher.cache_dir)
+    cache = teacher_cache_reader.TeacherCache(config.teacher.cache_dir)
     cache.check_config(config, jax.process_count(),
                        image_size=models.student_config.vision_config.image_size,
                        context_length=models.context_length)
