@@ -48,7 +48,7 @@ NO_TEACHER = "no_teacher"
 def _run_config(config: ml_collections.ConfigDict, recipe: str, steps: int, seed: int,
                 teacher_source: str, student_file: Path) -> ml_collections.ConfigDict:
   changes: dict[str, Any] = {"seed": seed, "data.seed": seed, "train.total_steps": steps,
-                             "eval.every": 0}
+                             "eval.every": 0, "evals": ()}  # scored once, after training
   if recipe == NO_TEACHER:
     # The experiment's baseline: the student the config derives from the teacher (its exact
     # config.json, so tokenizer, pooling and geometry match), contrastive only.
