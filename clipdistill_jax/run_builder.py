@@ -275,7 +275,6 @@ def build_run(config: ml_collections.ConfigDict, models: Models | None = None, *
   cached = cached_teacher_logit_scale is not None
   if cached:
     loss = dataclasses.replace(loss, teacher_logit_scale=cached_teacher_logit_scale)
-    models.teacher_params = None
   tx, schedule = optim.make_optimizer(
       config.optim, config.train.total_steps // config.optim.grad_accum_steps)
 
@@ -285,8 +284,10 @@ def build_run(config: ml_collections.ConfigDict, models: Models | None = None, *
     raise ValueError(f"train.batch_size={batch_size} is not divisible by the {parallel} "
                      f"data-parallel devices of mesh {dict(mesh.shape)}.")
   rng = jax.random.key(config.seed) if rng is None else rng
-  state, state_shardings = init_state(config, models, loss, tx, mesh, rng)
+  state, state_shardings = init_state(config, models, loss, tx, mesh, rng)  # may inherit
   teacher_params = teacher_shardings = None
+  if cached:  # the teacher never runs: its weights served init_state only
+    models.teacher_params = None
   if models.teacher_params is not None:
     teacher_params, teacher_shardings = place_teacher(models, mesh, config.mesh.rules)
 
