@@ -36,7 +36,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from clipdistill_jax import evaluate, experiment, recipes, report, train
+from clipdistill_jax import experiment, recipes, report, run_builder, train
+from clipdistill_jax.eval.evaluators import EvalData
+from clipdistill_jax.eval.metrics import teacher_agreement
 from clipdistill_jax.models import hf
 from clipdistill_jax.models.clip import CLIPModel
 
@@ -46,7 +48,7 @@ NO_TEACHER = "no_teacher"
 def _run_config(config: ml_collections.ConfigDict, recipe: str, steps: int, seed: int,
                 teacher_source: str, student_file: Path) -> ml_collections.ConfigDict:
   changes: dict[str, Any] = {"seed": seed, "data.seed": seed, "train.total_steps": steps,
-                             "eval.every": 0}
+                             "eval.every": 0, "evals": ()}  # scored once, after training
   if recipe == NO_TEACHER:
     # The experiment's baseline: the student the config derives from the teacher (its exact
     # config.json, so tokenizer, pooling and geometry match), contrastive only.
@@ -96,9 +98,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if not student_file.exists():  # every host writes the same file, atomically: no race
     out.mkdir(parents=True, exist_ok=True)
     tmp = student_file.with_suffix(f".tmp{jax.process_index()}")
-    train.make_student_config(config.student, teacher_config).to_json_file(tmp)
+    run_builder.make_student_config(config.student, teacher_config).to_json_file(tmp)
     tmp.replace(student_file)
-  evaluator = experiment.Evaluator(config, teacher_config.vision_config.image_size,
+  evaluator = EvalData(config, teacher_config.vision_config.image_size,
                                    teacher_config.text_config.max_position_embeddings)
   teacher_file = out / "teacher.json"
   if teacher_file.exists():
@@ -126,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         jax.device_get(trained["student_params"]))
     result = {"recipe": recipe, "steps": steps, "seed": seed, "train_wall_s": wall,
               "top1": scores["top1"], "top5": scores["top5"],
-              "teacher_agreement": evaluate.teacher_agreement(scores["predictions"],
+              "teacher_agreement": teacher_agreement(scores["predictions"],
                                                               teacher["predictions"]),
               "loss": {k: v for k, v in trained["metrics"].items() if k.startswith("loss/")}}
     if jax.process_index() == 0:
@@ -143,7 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return {"summary": summary, "runs": results, "teacher": teacher}
 
 
-def _zero_shot(config, evaluator: experiment.Evaluator, model: CLIPModel, params) -> dict:
+def _zero_shot(config, evaluator: EvalData, model: CLIPModel, params) -> dict:
   main = evaluator.zero_shot_scores(model, params)[config.eval.zero_shot[0]]
   return {"top1": float(main["top1"]), "top5": float(main["top5"]),
           "num_examples": int(main["num_examples"]),

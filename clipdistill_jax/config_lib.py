@@ -39,7 +39,13 @@ Field by field:
   optim.*            AdamW, schedule, clipping, accumulation, logit-scale clamp
   train.*            steps, global batch, logging / checkpoint intervals
   data.*             see clipdistill_jax/data/pipeline.py
-  eval.*             zero-shot / retrieval evaluation during and after training
+  evals              evaluators run during training, by name: 'zero_shot', 'agreement'
+                     (with the teacher), 'retrieval'; 'name@STEPS' sets its own interval
+  eval.every         steps between evaluations (0: none during training)
+  eval.zero_shot     zero-shot sets: tfds names, 'folder:PATH', 'synthetic' (the first is the
+                     results table's); eval.zero_shot_split their split
+  eval.retrieval     the results table measures image<->text retrieval on data.eval_split
+  eval.stats_repeats timed runs per latency figure of the results table
   mesh.*             device mesh shape over ('data', 'fsdp', 'tensor') and logical-axis rules
 """
 
@@ -100,13 +106,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = pipeline.default_data_config()
   c.data.update(dict(source="tfds", name="coco_captions", split="train", eval_split="val"))
 
+  # The evaluators the trainer runs (eval/evaluators.py: 'zero_shot', 'agreement',
+  # 'retrieval'), each every eval.every steps or 'name@STEPS'; built before step 1.
+  c.evals = ("zero_shot",)
   c.eval = ml_collections.ConfigDict(dict(
-      every=5000, zero_shot=("cifar10",),
+      every=5000, zero_shot=("cifar10",), zero_shot_split="test",
       # None (each dataset's own), a set name, a '{}' template or a list of them: any type
       # (object), so that a config file's tuple and a command line's "('a {}.', 'b {}.')"
       # both arrive as lists; checked before training (eval.prompts.eval_templates)
       templates=ml_collections.config_dict.placeholder(object), max_examples=10_000,
-      batch_size=256, retrieval=False))
+      batch_size=256, retrieval=False, stats_repeats=5))
 
   # experiment mode: teacher_steps > 0 first trains a teacher of shape teacher_arch on the
   # data (the offline demo); 0 uses teacher.source as it is.

@@ -2,7 +2,7 @@
 
 Layers are numbered 1..L, as hidden states are: `hidden_states[j]` is layer j's output and
 `attentions[j-1]` its attention probabilities; a layer map is a tuple of (student_layer,
-teacher_layer) pairs (layer_map.py, re-exported here).
+teacher_layer) pairs (models/layer_map.py).
 
 Global batch. `contrastive_loss` and `logit_kl_loss` compare every image with every text of
 the batch. The trainer calls them inside `jax.jit` on the global (sharded) arrays, where GSPMD
@@ -16,23 +16,20 @@ and all shape checks happen at trace time.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clipdistill_jax.layer_map import (  # noqa: F401  (re-exported for configs/trainer)
-    LayerMap,
-    layer_map_from_teacher_layers,
-    resolve_layer_map,
-    uniform_layer_map,
-    validate_layer_map,
-)
-from clipdistill_jax.models.clip import CLIPOutput
+from clipdistill_jax.models.clip import CLIPOutput, l2_normalize
 from clipdistill_jax.models.config import CLIPConfig
+from clipdistill_jax.models.layer_map import LayerMap, validate_layer_map
+from clipdistill_jax.models.projectors import (
+    FeatureProjectors,
+    ProjectedFeatures,
+    require_output,
+)
 
 Array = jax.Array
 
@@ -45,96 +42,8 @@ MAX_ICL_LOGIT_SCALE = 100.0  # CLIP's clamp on its logit scale, applied to ICL's
 _LOG_EPS = 1e-8  # floor for probabilities inside a log (attention KL); see attention_loss.
 
 # ----------------------------------------------------------------------------------------
-# Learnable projectors (student -> teacher space)
-# ----------------------------------------------------------------------------------------
-
-
-def _rectangular_identity(key, shape, dtype=jnp.float32) -> Array:
-  del key
-  return jnp.eye(shape[0], shape[1], dtype=dtype)
-
-
-@flax.struct.dataclass
-class ProjectedFeatures:
-  image_embeds: Array | None = None
-  text_embeds: Array | None = None
-  vision_hidden_states: tuple[Array, ...] = ()  # aligned with the vision layer map
-  text_hidden_states: tuple[Array, ...] = ()    # aligned with the text layer map
-  icl_logit_scale: Array | None = None           # log of ICL's logit scale, a scalar
-
-
-class FeatureProjectors(nn.Module):
-  """Linear maps (no bias) from the student's feature spaces into the teacher's.
-
-  One per embedding (student projection_dim -> teacher projection_dim; only when
-  `teacher_projection_dim` is set) and one per mapped layer pair (student hidden -> teacher
-  hidden). With `icl_logit_scale_init` set it also holds ICL's learnable logit scale (a log,
-  as CLIP's is), which belongs to the distillation, not to the student. Kernels start as the
-  rectangular identity eye(d_s, d_t): the exact identity when the widths match, and for a
-  width-inherited student (models/student.py keeps the teacher's first d_s channels) it maps
-  each kept channel back onto the channel it came from.
-
-  The projectors are trained with the student but are not part of it: export drops them,
-  since users deploy the student alone.
-  """
-  teacher_projection_dim: int | None = None
-  icl_logit_scale_init: float | None = None
-  teacher_vision_hidden_size: int = 0
-  teacher_text_hidden_size: int = 0
-  vision_layer_map: LayerMap = ()
-  text_layer_map: LayerMap = ()
-
-  def _project(self, x: Array, features: int, axes: tuple[str, str], name: str) -> Array:
-    return nn.Dense(features, use_bias=False, name=name,
-                    kernel_init=nn.with_logical_partitioning(_rectangular_identity, axes))(
-                        x.astype(jnp.float32))
-
-  @nn.compact
-  def __call__(self, student_out: CLIPOutput) -> ProjectedFeatures:
-    image = text = None
-    if self.teacher_projection_dim is not None:
-      axes = ("student_proj", "proj")
-      image = self._project(_require(student_out.image_embeds, "student image_embeds"),
-                            self.teacher_projection_dim, axes, "image_embeds")
-      text = self._project(_require(student_out.text_embeds, "student text_embeds"),
-                           self.teacher_projection_dim, axes, "text_embeds")
-    towers = {}
-    for tower, layer_map, states, width in (
-        ("vision", self.vision_layer_map, student_out.vision_hidden_states,
-         self.teacher_vision_hidden_size),
-        ("text", self.text_layer_map, student_out.text_hidden_states,
-         self.teacher_text_hidden_size)):
-      if layer_map and not states:
-        raise ValueError(f"student_out has no {tower}_hidden_states: run the student with "
-                         "return_hidden=True (DistillLoss.needs_hidden_states).")
-      towers[tower] = tuple(
-          self._project(states[i], width, ("student_embed", "embed"),
-                        f"{tower}_hidden_{i}_to_{j}") for i, j in layer_map)
-    icl_logit_scale = None
-    if self.icl_logit_scale_init is not None:
-      icl_logit_scale = self.param(
-          "icl_logit_scale", nn.with_logical_partitioning(
-              nn.initializers.constant(math.log(self.icl_logit_scale_init)), ()), ())
-    return ProjectedFeatures(image_embeds=image, text_embeds=text,
-                             vision_hidden_states=towers["vision"],
-                             text_hidden_states=towers["text"],
-                             icl_logit_scale=icl_logit_scale)
-
-
-def _require(x, what: str):
-  if x is None:
-    raise ValueError(f"{what} is missing from the model output this loss needs.")
-  return x
-
-
-# ----------------------------------------------------------------------------------------
 # The losses
 # ----------------------------------------------------------------------------------------
-
-
-def _l2_normalize(x: Array) -> Array:
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
 def embedding_feature_loss(student_embeds: Array, teacher_embeds: Array) -> Array:
@@ -146,7 +55,7 @@ def embedding_feature_loss(student_embeds: Array, teacher_embeds: Array) -> Arra
   if student_embeds.shape != teacher_embeds.shape:
     raise ValueError(f"embeddings differ in shape: student {student_embeds.shape} vs teacher "
                      f"{teacher_embeds.shape}; project the student's with FeatureProjectors.")
-  cos = jnp.sum(_l2_normalize(student_embeds) * _l2_normalize(teacher_embeds), axis=-1)
+  cos = jnp.sum(l2_normalize(student_embeds) * l2_normalize(teacher_embeds), axis=-1)
   return jnp.mean(1.0 - cos)
 
 
@@ -162,7 +71,7 @@ def fd_loss(student_embeds: Array, teacher_embeds: Array) -> Array:
   if student_embeds.shape != teacher_embeds.shape:
     raise ValueError(f"embeddings differ in shape: student {student_embeds.shape} vs teacher "
                      f"{teacher_embeds.shape}; project the student's with FeatureProjectors.")
-  diff = _l2_normalize(student_embeds) - _l2_normalize(teacher_embeds)
+  diff = l2_normalize(student_embeds) - l2_normalize(teacher_embeds)
   return jnp.mean(jnp.sum(diff * diff, axis=-1))
 
 
@@ -183,8 +92,8 @@ def icl_loss(student_image_embeds: Array, student_text_embeds: Array,
     if s.shape != t.shape:
       raise ValueError(f"ICL: student {name} embeddings {s.shape} vs teacher {t.shape}; project "
                        "the student's into the teacher's width first.")
-  s_image, s_text = _l2_normalize(student_image_embeds), _l2_normalize(student_text_embeds)
-  t_image, t_text = _l2_normalize(teacher_image_embeds), _l2_normalize(teacher_text_embeds)
+  s_image, s_text = l2_normalize(student_image_embeds), l2_normalize(student_text_embeds)
+  t_image, t_text = l2_normalize(teacher_image_embeds), l2_normalize(teacher_text_embeds)
   image_to_text = logit_scale * jnp.matmul(s_image, t_text.T)
   text_to_image = logit_scale * jnp.matmul(s_text, t_image.T)
   diagonal_ce = lambda logits: -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
@@ -300,13 +209,13 @@ def teacher_logits_per_image(teacher_out: CLIPOutput, default_logit_scale: float
   MobileCLIP2; apple/ml-mobileclip).
   """
   if override_logit_scale is not None:
-    image = _require(teacher_out.image_embeds, "teacher image_embeds")
-    text = _require(teacher_out.text_embeds, "teacher text_embeds")
-    return override_logit_scale * jnp.matmul(_l2_normalize(image), _l2_normalize(text).T)
+    image = require_output(teacher_out.image_embeds, "teacher image_embeds")
+    text = require_output(teacher_out.text_embeds, "teacher text_embeds")
+    return override_logit_scale * jnp.matmul(l2_normalize(image), l2_normalize(text).T)
   if teacher_out.logits_per_image is not None:
     return teacher_out.logits_per_image
-  image = _require(teacher_out.image_embeds, "teacher image_embeds")
-  text = _require(teacher_out.text_embeds, "teacher text_embeds")
+  image = require_output(teacher_out.image_embeds, "teacher image_embeds")
+  text = require_output(teacher_out.text_embeds, "teacher text_embeds")
   scale = default_logit_scale if teacher_out.logit_scale is None else teacher_out.logit_scale
   return scale * jnp.matmul(image.astype(jnp.float32), text.astype(jnp.float32).T)
 
@@ -381,7 +290,7 @@ class DistillLoss:
           and not getattr(self, f"text_{kind}_layers")):
         raise ValueError(f"the '{kind}' loss has weight {self.weights[kind]} but no layers: set "
                          f"vision_{kind}_layers and/or text_{kind}_layers, e.g. "
-                         "resolve_layer_map('uniform', n_student, n_teacher).")
+                         "layer_map.resolve_layer_map('uniform', n_student, n_teacher).")
 
   @property
   def active_components(self) -> tuple[str, ...]:
@@ -462,10 +371,10 @@ class DistillLoss:
 
     if any(c in active for c in EMBEDDING_COMPONENTS):
       embeds = projected if self.uses_embed_projector else student_out
-      s_image = _require(embeds.image_embeds, "student image_embeds")
-      s_text = _require(embeds.text_embeds, "student text_embeds")
-      t_image = _require(teacher_out.image_embeds, "teacher image_embeds")
-      t_text = _require(teacher_out.text_embeds, "teacher text_embeds")
+      s_image = require_output(embeds.image_embeds, "student image_embeds")
+      s_text = require_output(embeds.text_embeds, "student text_embeds")
+      t_image = require_output(teacher_out.image_embeds, "teacher image_embeds")
+      t_text = require_output(teacher_out.text_embeds, "teacher text_embeds")
       if "feature" in active:
         parts["feature_image"] = embedding_feature_loss(s_image, t_image)
         parts["feature_text"] = embedding_feature_loss(s_text, t_text)
@@ -489,13 +398,13 @@ class DistillLoss:
 
     if "logit_kl" in active:
       parts["logit_kl"] = logit_kl_loss(
-          _require(student_out.logits_per_image, "student logits_per_image"),
+          require_output(student_out.logits_per_image, "student logits_per_image"),
           teacher_logits_per_image(teacher_out, self.teacher_logit_scale,
                                    self.kd_teacher_logit_scale), self.temperature)
 
     if "contrastive" in active:
       parts["contrastive"] = contrastive_loss(
-          _require(student_out.logits_per_image, "student logits_per_image"))
+          require_output(student_out.logits_per_image, "student logits_per_image"))
 
     total = sum((self.weights[c] * parts[c] for c in active), jnp.zeros((), jnp.float32))
     metrics = {f"loss/{c}": parts.get(c, jnp.zeros((), jnp.float32)) for c in COMPONENTS}

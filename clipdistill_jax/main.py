@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   config, workdir = _CONFIG.value, _WORKDIR.value
   logging.info("Config:\n%s", config)
-  from clipdistill_jax import ablation, experiment, recipes, teacher_cache, train
+  from clipdistill_jax import ablation, experiment, recipes, run_builder, teacher_cache, train
   from clipdistill_jax.data.batches import TooManyCorruptImagesError
   from clipdistill_jax.data.compat import IncompatibleInputsError
 
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
 
   try:
     config = recipes.apply_recipe(config)
-    eval_templates(config.eval.get("templates"))  # a bad prompt list fails now, not at step 250
+    eval_templates(config.eval.templates)  # a bad prompt list fails now, not at step 250
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   train.maybe_initialize_distributed(config)  # before anything (dump_config) touches jax
@@ -100,9 +100,9 @@ def main(argv: list[str]) -> None:
     elif mode == "ablation":
       ablation.run(config, workdir)
     else:
-      train.train(config, workdir, eval_fn=experiment.make_eval_fn(config))
+      train.train(config, workdir)
   except (FileNotFoundError, IncompatibleInputsError, TooManyCorruptImagesError,
-          train.NonFiniteLossError, train.ConfigError, teacher_cache.TeacherCacheError) as e:
+          train.NonFiniteLossError, run_builder.ConfigError, teacher_cache.TeacherCacheError) as e:
     # Problems the user can fix: say what and how, without a traceback.
     raise SystemExit(f"error: {e}") from None
 

@@ -26,7 +26,7 @@ def decay_mask(params: Any) -> Any:
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """'warmup_cosine' | 'warmup_linear' | 'constant', warmup from 0 to `lr`."""
   lr, warmup = config.lr, min(config.warmup_steps, max(total_steps - 1, 0))
-  end = lr * config.get("end_lr_ratio", 0.0)
+  end = lr * config.end_lr_ratio
   name = config.schedule
   if name == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
@@ -49,12 +49,12 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
   if config.name != "adamw":
     raise ValueError(f"optim.name={config.name!r}: only 'adamw' is implemented.")
   parts = []
-  if config.get("grad_clip_norm"):
+  if config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.get("eps", 1e-8),
+  parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                            weight_decay=config.weight_decay, mask=decay_mask))
   tx = optax.chain(*parts)
-  if config.get("grad_accum_steps", 1) > 1:
+  if config.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
   return tx, schedule
 

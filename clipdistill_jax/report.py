@@ -283,7 +283,7 @@ def write_report(rows: Sequence[Mapping[str, Any]],
 
   devices = sorted({str(row["device"]) for row in rows if row.get("device")})
   notes = ["Rates are percentages. Latency and throughput: image tower, median wall time.",
-           "Every number was measured by clipdistill_jax.evaluate; '-' = not measured."]
+           "Every number was measured by clipdistill_jax.eval; '-' = not measured."]
   if devices:
     notes.append(f"Device: {', '.join(devices)}.")
   for key in NOTE_KEYS:

@@ -45,11 +45,11 @@ and unbounded TFRecord streams are refused.
 
 Both: `manifest.json` (format version, kind, teacher source/dtype/logit scale, the data
 settings the cache depends on and their hash, shard list) beside safetensors shards
-(safetensors: plain, documented, bf16-native, memory-mapped; torch/numpy read it; the reader
-here maps the multi-view shards and reads only the rows a batch needs). A writer that stops
-part-way resumes from its last complete shard when rerun with the same command. A cache
-written for other data, seed, views, teacher, image size (or, for step caches, batch size or
-host count) is refused before step 1.
+(safetensors: plain, documented, bf16-native, memory-mapped; torch/numpy read it; the
+reader, teacher_cache_reader.py, maps the multi-view shards and reads only the rows a batch
+needs). A writer that stops part-way resumes from its last complete shard when rerun with
+the same command. A cache written for other data, seed, views, teacher, image size (or, for
+step caches, batch size or host count) is refused before step 1.
 
 Only the embeddings are cached, so cached training supports the 'feature', 'fd', 'icl',
 'logit_kl' and 'contrastive' losses; a config with 'hidden' or 'attention' weights > 0 is
@@ -66,7 +66,7 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,16 +106,16 @@ def check_cacheable(config: ml_collections.ConfigDict) -> None:
         f"attention=0 (cached mode supports {', '.join(CACHED_LOSSES)}), or "
         "unset teacher.cache_dir to run the teacher live.")
   data = config.data
-  augmented = float(data.get("crop_min_scale", 1.0)) < 1.0 or bool(data.get("flip", False))
-  if augmented and data.get("num_views") is None:
+  augmented = float(data.crop_min_scale) < 1.0 or bool(data.flip)
+  if augmented and data.num_views is None:
     raise TeacherCacheError(
         "a step teacher cache holds one teacher output per example read, but random "
-        f"augmentation is on (data.crop_min_scale={data.get('crop_min_scale')}, data.flip="
-        f"{data.get('flip')}): each step would see another crop/flip than the cached one. "
+        f"augmentation is on (data.crop_min_scale={data.crop_min_scale}, data.flip="
+        f"{data.flip}): each step would see another crop/flip than the cached one. "
         "Write a multi-view cache instead (python -m clipdistill_jax.teacher_cache ... --views "
         "K, then train with --config.data.num_views=K), or set --config.data.crop_min_scale=1.0 "
         "--config.data.flip=False, or run the teacher live.")
-  if not config.teacher.get("source"):
+  if not config.teacher.source:
     raise TeacherCacheError("cached teacher mode needs teacher.source (the teacher the cache "
                             "was written with).")
 
@@ -125,10 +125,10 @@ def data_fingerprint(config: ml_collections.ConfigDict, process_count: int) -> d
   data = json.loads(json.dumps(config.data.to_dict(), sort_keys=True, default=str))
   if data.get("num_views", 0) is None:
     del data["num_views"]  # caches written before the knob existed stay valid
-  key = {"data": data, "tokenizer": config.get("tokenizer"),
+  key = {"data": data, "tokenizer": config.tokenizer,
          "global_batch_size": int(config.train.batch_size), "process_count": process_count,
          "teacher_source": str(config.teacher.source),
-         "teacher_dtype": config.teacher.get("dtype", "float32")}
+         "teacher_dtype": config.teacher.dtype}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   return {**key, "hash": digest}
 
@@ -138,9 +138,9 @@ def views_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   cache serves a config iff these match (image size and context length are checked apart)."""
   data = config.data
   views_data = json.loads(json.dumps({k: data.get(k) for k in VIEW_DATA_KEYS}, default=str))
-  key = {"data": views_data, "tokenizer": config.get("tokenizer"),
+  key = {"data": views_data, "tokenizer": config.tokenizer,
          "teacher_source": str(config.teacher.source),
-         "teacher_dtype": config.teacher.get("dtype", "float32")}
+         "teacher_dtype": config.teacher.dtype}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   return {**key, "hash": digest}
 
@@ -156,11 +156,11 @@ def teacher_logit_scale(teacher_params: Mapping) -> float:
   return float(np.exp(np.asarray(teacher_params["logit_scale"], np.float32)))
 
 
-def _shard_name(first_step: int, host: int) -> str:
+def shard_name(first_step: int, host: int) -> str:
   return f"teacher-{first_step:08d}-host{host:03d}.safetensors"
 
 
-def _views_shard_name(first_example: int) -> str:
+def views_shard_name(first_example: int) -> str:
   return f"teacher-views-{first_example:09d}.safetensors"
 
 
@@ -181,7 +181,7 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
   cache written with other settings.
   """
   if views is not None:
-    given = config.data.get("num_views")
+    given = config.data.num_views
     if given is not None and int(given) != int(views):
       raise TeacherCacheError(f"--views={views} but the config sets data.num_views={given}; "
                               "give one of them.")
@@ -189,7 +189,7 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
     with config.unlocked():
       config.data.num_views = int(views)
   check_cacheable(config)
-  if config.data.get("num_views") is not None:
+  if config.data.num_views is not None:
     from clipdistill_jax.data import pipeline
 
     if num_steps is not None or num_examples is not None:
@@ -245,12 +245,12 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
     _write_json(out / MANIFEST, manifest)
 
   first_missing = next((s for s in range(0, num_steps, steps_per_shard)
-                        if not (out / _shard_name(s, host)).exists()), num_steps)
+                        if not (out / shard_name(s, host)).exists()), num_steps)
   if first_missing:
     log(f"resuming the teacher cache at step {first_missing} of {num_steps}")
   batches = pipeline.make_train_iterator(
       config.data, global_batch_size=batch_size, image_size=teacher.image_size,
-      context_length=models.context_length, tokenizer=load_tokenizer(config.get("tokenizer")),
+      context_length=models.context_length, tokenizer=load_tokenizer(config.tokenizer),
       process_index=host, process_count=hosts, start_step=first_missing)
   started = time.perf_counter()
   with jax.set_mesh(mesh):
@@ -265,7 +265,7 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
         for k in fields:
           rows[k].append(np.asarray(local[k]))
         rows["input_fingerprint"].append(input_fingerprints(host_batch["input_ids"]))
-      _write_shard(out / _shard_name(first, host), {k: np.concatenate(v) for k, v in
+      _write_shard(out / shard_name(first, host), {k: np.concatenate(v) for k, v in
                                                     rows.items()}, {"first_step": first})
       done = min(first + steps_per_shard, num_steps)
       log(f"teacher cache: {done}/{num_steps} steps "
@@ -277,7 +277,7 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
     multihost_utils.sync_global_devices("teacher_cache_written")
   if host == 0:
     manifest["complete"] = True
-    manifest["shards"] = [_shard_name(s, p) for s in range(0, num_steps, steps_per_shard)
+    manifest["shards"] = [shard_name(s, p) for s in range(0, num_steps, steps_per_shard)
                           for p in range(hosts)]
     _write_json(out / MANIFEST, manifest)
   return out
@@ -287,13 +287,13 @@ class _Teacher:
   """The teacher of a config placed on its mesh, as both writers run it."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    from clipdistill_jax import sharding, train
+    from clipdistill_jax import run_builder, sharding
 
     self.config = config
-    self.models = train.build_models(config)
+    self.models = run_builder.build_models(config)
     self.mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
     self.logit_scale = teacher_logit_scale(self.models.teacher_params)
-    self.params, self.shardings = train.place_teacher(self.models, self.mesh,
+    self.params, self.shardings = run_builder.place_teacher(self.models, self.mesh,
                                                       config.mesh.rules)
     self.image_size = self.models.student_config.vision_config.image_size
 
@@ -301,7 +301,7 @@ class _Teacher:
     teacher_config = self.models.teacher_config
     return {"format_version": FORMAT_VERSION, "complete": False,
             "teacher_source": str(self.config.teacher.source),
-            "teacher_dtype": self.config.teacher.get("dtype", "float32"),
+            "teacher_dtype": self.config.teacher.dtype,
             "teacher_config": teacher_config.to_dict(), "teacher_logit_scale": self.logit_scale,
             "projection_dim": teacher_config.projection_dim, "dtype": "bfloat16",
             "image_size": self.image_size, "context_length": self.models.context_length}
@@ -354,13 +354,13 @@ def _write_views_cache(config: ml_collections.ConfigDict, out: Path, *, store_po
 
   # Host 0's files decide where to resume; every host must feed the same batches.
   first_missing = 0
-  while (out / _views_shard_name(first_missing)).exists():
+  while (out / views_shard_name(first_missing)).exists():
     first_missing += per_shard
   if hosts > 1:
     first_missing = int(multihost_utils.broadcast_one_to_all(np.int64(first_missing)))
   examples = pipeline.make_views_iterator(
       config.data, global_batch_size=batch_size, image_size=teacher.image_size,
-      context_length=models.context_length, tokenizer=load_tokenizer(config.get("tokenizer")),
+      context_length=models.context_length, tokenizer=load_tokenizer(config.tokenizer),
       process_index=host, process_count=hosts, start_example=first_missing)
   total = examples.num_examples
   manifest = {
@@ -399,7 +399,7 @@ def _write_views_cache(config: ml_collections.ConfigDict, out: Path, *, store_po
         raise RuntimeError(f"teacher cache: the examples read for the shard at {first} are "
                            f"not examples {first}..{stop - 1} in order.")  # a bug, not data
       if host == 0:
-        _write_shard(out / _views_shard_name(first), tensors, {"first_example": first})
+        _write_shard(out / views_shard_name(first), tensors, {"first_example": first})
       invalid = int((tensors["valid"] == 0).sum())
       log(f"teacher cache: {stop}/{total} examples x {num_views} views"
           + (f", {invalid} unreadable images in this shard" if invalid else "")
@@ -409,7 +409,7 @@ def _write_views_cache(config: ml_collections.ConfigDict, out: Path, *, store_po
     multihost_utils.sync_global_devices("teacher_cache_written")
   if host == 0:
     manifest["complete"] = True
-    manifest["shards"] = [_views_shard_name(s) for s in range(0, total, per_shard)]
+    manifest["shards"] = [views_shard_name(s) for s in range(0, total, per_shard)]
     _write_json(out / MANIFEST, manifest)
   return out
 
@@ -445,240 +445,6 @@ def _write_shard(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str,
   os.replace(tmp, path)  # a shard on disk is always complete
 
 
-# --- reading --------------------------------------------------------------------------------
-
-class TeacherCache:
-  """A written cache: its manifest, checks against a training config, the rows of a batch.
-
-  The trainer calls check_config, then merger(start_step) once and the merger on every
-  batch; batches() (step caches) and lookup() (multi-view caches) are the parts.
-  """
-
-  def __init__(self, cache_dir: str | os.PathLike):
-    self.directory = Path(cache_dir)
-    path = self.directory / MANIFEST
-    if not path.exists():
-      raise FileNotFoundError(
-          f"no teacher cache in {self.directory} ({MANIFEST} missing). Write one with: python "
-          "-m clipdistill_jax.teacher_cache --config <your config> --workdir <dir>")
-    self.manifest = json.loads(path.read_text())
-    if self.manifest.get("format_version") not in READ_VERSIONS:
-      raise TeacherCacheError(f"{path}: format version {self.manifest.get('format_version')}, "
-                              f"this code reads {READ_VERSIONS}; rewrite the cache.")
-    if not self.manifest.get("complete"):
-      raise TeacherCacheError(f"the teacher cache in {self.directory} is incomplete (its writer "
-                              "stopped); rerun the same teacher_cache command to finish it.")
-    self.kind = self.manifest.get("kind", "steps")
-    self._shards: dict[int, dict[str, np.ndarray]] = {}
-
-  @property
-  def num_views(self) -> int | None:
-    """K for a multi-view cache, None for a step cache."""
-    return int(self.manifest["num_views"]) if self.kind == "views" else None
-
-  @property
-  def num_steps(self) -> int:
-    return int(self.manifest["num_steps"])
-
-  @property
-  def teacher_logit_scale(self) -> float:
-    return float(self.manifest["teacher_logit_scale"])
-
-  def check_config(self, config: ml_collections.ConfigDict, process_count: int, *,
-                   image_size: int | None = None, context_length: int | None = None) -> None:
-    """Raises TeacherCacheError unless this cache serves `config`'s training run exactly.
-
-    image_size / context_length (the models' inputs) are checked against the cache's where
-    given.
-    """
-    if self.kind == "views":  # first: its advice (data.num_views=K) beats "no augmentation"
-      self._check_views_config(config)
-    check_cacheable(config)
-    for name, want in (("image_size", image_size), ("context_length", context_length)):
-      have = self.manifest.get(name)
-      if want is not None and have is not None and int(want) != int(have):
-        raise TeacherCacheError(
-            f"the teacher cache in {self.directory} was written for {name}={have}; this run's "
-            f"models take {name}={want}. Write a cache for this config.")
-    if self.kind == "views":
-      return
-    views = config.data.get("num_views")
-    if views is not None:
-      raise TeacherCacheError(
-          f"the teacher cache in {self.directory} holds one teacher output per training step, "
-          f"but data.num_views={views} trains on fixed augmented views: write a multi-view "
-          "cache (python -m clipdistill_jax.teacher_cache ... --views "
-          f"{views}), or unset data.num_views.")
-    want = data_fingerprint(config, process_count)
-    have = self.manifest["data_fingerprint"]
-    if want["hash"] != have["hash"]:
-      diff = [k for k in want if k != "hash" and want[k] != have.get(k)]
-      raise TeacherCacheError(
-          f"the teacher cache in {self.directory} was written for another run: {', '.join(diff)} "
-          "differ(s) from this config, so its step s would not be this run's step s. Write a "
-          "cache for this config (python -m clipdistill_jax.teacher_cache --config ...).")
-    total = int(config.train.total_steps)
-    if total > self.num_steps:
-      raise TeacherCacheError(
-          f"the teacher cache in {self.directory} holds {self.num_steps} steps; training asks "
-          f"for {total}. Rerun the writer with --num_steps={total}, or lower train.total_steps.")
-
-  def _check_views_config(self, config: ml_collections.ConfigDict) -> None:
-    views, have_views = config.data.get("num_views"), self.num_views
-    if views is None or int(views) != have_views:
-      raise TeacherCacheError(
-          f"the teacher cache in {self.directory} holds {have_views} augmented views per "
-          f"example; train with --config.data.num_views={have_views} (this config has "
-          f"data.num_views={views}), or write a cache for this config.")
-    want, have = views_fingerprint(config), self.manifest["views_fingerprint"]
-    if want["hash"] != have["hash"]:
-      diff = [f"data.{k}" for k in want["data"] if want["data"][k] != have["data"].get(k)]
-      diff += [k for k in want if k not in ("data", "hash") and want[k] != have.get(k)]
-      raise TeacherCacheError(
-          f"the teacher cache in {self.directory} was written for other data or another "
-          f"teacher: {', '.join(diff)} differ(s) from this config, so its views are not this "
-          "run's. Write a cache for this config (python -m clipdistill_jax.teacher_cache "
-          f"--config ... --views {views}).")
-
-  def merger(self, start_step: int = 0, process_index: int = 0
-             ) -> Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]]:
-    """merge(host_batch, step) -> the batch plus teacher_image_embeds / teacher_text_embeds
-    (bf16 [local batch, D]) for training steps start_step, start_step + 1, ... in order
-    (step counted from 0), after checking that they are this batch's."""
-    if self.kind == "views":
-      return self.merge_views
-    cached = self.batches(start_step, process_index)
-    return lambda batch, step: merge_cached(batch, next(cached), step)
-
-  def batches(self, start_step: int = 0, process_index: int = 0) -> Iterator[dict]:
-    """Step caches, per training step from start_step: {'teacher_image_embeds',
-    'teacher_text_embeds' (bf16 [local batch, D]), 'input_fingerprint' (uint32 [local
-    batch])}."""
-    from safetensors.numpy import load_file
-
-    if self.kind != "steps":
-      raise TeacherCacheError(f"the teacher cache in {self.directory} is a multi-view cache, "
-                              "read by example and view (lookup), not by step.")
-    per_shard, local = int(self.manifest["steps_per_shard"]), int(
-        self.manifest["local_batch_size"])
-    shard_first, shard = None, None
-    for step in range(start_step, self.num_steps):
-      first = step - step % per_shard
-      if first != shard_first:
-        shard_first, shard = first, load_file(str(self.directory / _shard_name(
-            first, process_index)))
-      rows = slice((step - first) * local, (step - first + 1) * local)
-      yield {"teacher_image_embeds": shard["image_embeds"][rows],
-             "teacher_text_embeds": shard["text_embeds"][rows],
-             "input_fingerprint": shard["input_fingerprint"][rows]}
-    raise TeacherCacheError(
-        f"the teacher cache in {self.directory} ends at step {self.num_steps}; rerun the "
-        "writer with a larger --num_steps.")
-
-  def lookup(self, example_ids: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
-    """Multi-view caches: the rows of (example_ids[r], views[r]), int [n] each. Returns
-    {image_embeds [n, D], text_embeds [n, D] (+ image_pooled / text_pooled), augmentation
-    int32 [n, 4], input_fingerprint uint32 [n], valid uint8 [n]}, read from the memory-mapped
-    shards. Raises TeacherCacheError for ids or views outside the cache."""
-    ids, views = np.asarray(example_ids, np.int64), np.asarray(views, np.int64)
-    total, num_views = int(self.manifest["num_examples"]), self.num_views
-    outside = (ids < 0) | (ids >= total) | (views < 0) | (views >= num_views)
-    if outside.any():
-      r = int(np.argmax(outside))
-      raise TeacherCacheError(
-          f"example {ids[r]} view {views[r]} is not in the teacher cache in {self.directory} "
-          f"({total} examples x {num_views} views): the training set grew since it was "
-          "written; rewrite the cache.")
-    per_shard = int(self.manifest["examples_per_shard"])
-    shard_of = ids // per_shard
-    out: dict[str, np.ndarray] = {}
-    for shard in np.unique(shard_of):
-      rows = np.nonzero(shard_of == shard)[0]
-      arrays = self._shard(int(shard) * per_shard)
-      local = ids[rows] - int(shard) * per_shard
-      for name, array in arrays.items():
-        values = array[local, views[rows]] if name in PER_VIEW_FIELDS else array[local]
-        if name not in out:
-          out[name] = np.empty((len(ids), *values.shape[1:]), values.dtype)
-        out[name][rows] = values
-    return out
-
-  def _shard(self, first_example: int) -> dict[str, np.ndarray]:
-    if first_example not in self._shards:
-      self._shards[first_example] = _map_safetensors(
-          self.directory / _views_shard_name(first_example))
-    return self._shards[first_example]
-
-  def merge_views(self, batch: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
-    """A multi-view cache's teacher embeddings for a batch with example_id and view, after
-    checking each row's caption (input_ids fingerprint) and crop/flip against the cache."""
-    if "example_id" not in batch or "view" not in batch:
-      raise TeacherCacheError("a multi-view teacher cache needs batches with example_id and "
-                              "view: set data.num_views.")
-    ids = np.asarray(batch["example_id"])
-    rows = self.lookup(ids, batch["view"])
-
-    def first_bad(bad: np.ndarray) -> str:
-      r = int(np.argmax(bad))
-      return f"example {ids[r]}, view {int(batch['view'][r])}"
-    bad = rows["valid"] == 0
-    if bad.any():
-      raise TeacherCacheError(
-          f"step {step}: {first_bad(bad)} could not be read when the teacher cache was "
-          "written, but is read now: the data changed since; rewrite the cache.")
-    bad = input_fingerprints(batch["input_ids"]) != rows["input_fingerprint"]
-    if bad.any():
-      raise TeacherCacheError(
-          f"step {step}: the caption of {first_bad(bad)} is not the one the teacher cache "
-          "holds. The data changed since the cache was written (files, tokenizer or order of "
-          "rows); rewrite the cache.")
-    bad = (np.asarray(batch["augmentation"]) != rows["augmentation"]).any(axis=-1)
-    if bad.any():
-      raise TeacherCacheError(
-          f"step {step}: the crop/flip of {first_bad(bad)} differs from the cached view's: "
-          "the cache was written with other augmentation settings or code; rewrite the cache.")
-    return {**batch, "teacher_image_embeds": rows["image_embeds"],
-            "teacher_text_embeds": rows["text_embeds"]}
-
-
-_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F32": np.float32, "I32": np.int32,
-                       "I64": np.int64, "U32": np.uint32, "U8": np.uint8}
-
-
-def _map_safetensors(path: Path) -> dict[str, np.ndarray]:
-  """A safetensors file's tensors as read-only numpy memory maps (the format: an 8-byte
-  little-endian header length, a JSON header of dtype / shape / data_offsets, the data)."""
-  import ml_dtypes
-
-  with open(path, "rb") as f:
-    length = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(length))
-  tensors = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-    dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
-    begin, _ = info["data_offsets"]
-    tensors[name] = np.memmap(path, dtype, "r", offset=8 + length + begin,
-                              shape=tuple(info["shape"]))
-  return tensors
-
-
-def merge_cached(batch: dict[str, np.ndarray], cached: Mapping[str, np.ndarray], step: int
-                 ) -> dict[str, np.ndarray]:
-  """The training batch plus the cached teacher embeddings, after checking that the cache
-  row order is this batch's (input_ids fingerprints)."""
-  got = input_fingerprints(batch["input_ids"])
-  if not np.array_equal(got, cached["input_fingerprint"]):
-    raise TeacherCacheError(
-        f"step {step}: the batch's captions are not the ones the teacher cache holds for this "
-        "step. The data changed since the cache was written (files, tokenizer or order); "
-        "rewrite the cache.")
-  return {**batch, "teacher_image_embeds": cached["teacher_image_embeds"],
-          "teacher_text_embeds": cached["teacher_text_embeds"]}
-
-
 # --- command line ---------------------------------------------------------------------------
 
 def main(argv: list[str]) -> None:
@@ -689,12 +455,12 @@ def main(argv: list[str]) -> None:
   from clipdistill_jax import recipes
 
   f = flags.FLAGS
-  out = f.config.teacher.get("cache_dir") or os.path.join(f.workdir, "teacher_cache")
+  out = f.config.teacher.cache_dir or os.path.join(f.workdir, "teacher_cache")
   try:
     config = recipes.apply_recipe(f.config)  # the losses a recipe names decide what is cached
   except ValueError as e:  # an unknown recipe name
     raise SystemExit(f"error: {e}") from None
-  views = f.views if f.views is not None else config.data.get("num_views")
+  views = f.views if f.views is not None else config.data.num_views
   try:
     write_teacher_cache(config, out, num_steps=f.num_steps, num_examples=f.num_examples,
                         views=f.views, store_pooled=f.store_pooled,

@@ -14,10 +14,9 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from clipdistill_jax import cli  # noqa: E402
 from clipdistill_jax.data.preprocess import decode_and_preprocess  # noqa: E402
 from clipdistill_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from clipdistill_jax.export import onnx_export  # noqa: E402
+from clipdistill_jax.export import cli, onnx_export  # noqa: E402
 from clipdistill_jax.export import onnx_runtime as rt  # noqa: E402
 from clipdistill_jax.export.samples import reference_photos  # noqa: E402
 from clipdistill_jax.export.torch_export import (  # noqa: E402
@@ -256,12 +255,12 @@ def test_module_entry_point_runs_without_torch_or_jax(student, images):
   env = {**os.environ, "PYTHONWARNINGS": "ignore"}
   image = str(_good_images(images)[0])
   result = subprocess.run(
-      [sys.executable, "-m", "clipdistill_jax.cli", "classify", "--model", str(student[2]),
+      [sys.executable, "-m", "clipdistill_jax.export.cli", "classify", "--model", str(student[2]),
        "--labels", LABELS, image], capture_output=True, text=True, env=env, timeout=120)
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith(image)
 
-  probe = ("import sys; from clipdistill_jax import cli; "
+  probe = ("import sys; from clipdistill_jax.export import cli; "
            f"code = cli.main(['classify', '--model', {str(student[2])!r}, '--labels', 'a,b', "
            f"{image!r}]); heavy = sorted(m for m in ('torch', 'jax', 'transformers', "
            "'tensorflow', 'flax') if m in sys.modules); print('HEAVY', heavy); "

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipdistill_jax.data import pipeline, preprocess, synthetic
+from clipdistill_jax.data import compat, pipeline, preprocess, synthetic
 from clipdistill_jax.data.batches import NO_LABEL, TooManyCorruptImagesError
 from clipdistill_jax.data.synthetic import SyntheticCaptions
 from clipdistill_jax.data.tokenizer import load_tokenizer
@@ -821,18 +821,18 @@ def test_tfds_finds_the_caption_feature_and_keeps_every_caption(tfds_dir, tokeni
 def test_check_compatible():
   teacher = tiny_config(image_size=32, context_length=16, eos_token_id=2)  # legacy argmax pooling
   student = tiny_config(image_size=32, context_length=12)
-  shared = pipeline.check_compatible(teacher, student)
+  shared = compat.check_compatible(teacher, student)
   assert (shared.image_size, shared.context_length) == (32, 12)
-  assert pipeline.check_compatible(teacher.to_dict(), student.to_dict()) == shared
-  with pytest.raises(pipeline.IncompatibleInputsError, match="image_size: teacher 32, student 64"):
-    pipeline.check_compatible(teacher, tiny_config(image_size=64))
-  with pytest.raises(pipeline.IncompatibleInputsError, match="vocab_size"):
-    pipeline.check_compatible(teacher, tiny_config(vocab_size=1000))
+  assert compat.check_compatible(teacher.to_dict(), student.to_dict()) == shared
+  with pytest.raises(compat.IncompatibleInputsError, match="image_size: teacher 32, student 64"):
+    compat.check_compatible(teacher, tiny_config(image_size=64))
+  with pytest.raises(compat.IncompatibleInputsError, match="vocab_size"):
+    compat.check_compatible(teacher, tiny_config(vocab_size=1000))
   openai = preprocess.preprocessor_config(32)
-  pipeline.check_compatible(teacher, student, teacher_preprocessor=openai)
+  compat.check_compatible(teacher, student, teacher_preprocessor=openai)
   imagenet = {**openai, "image_mean": [0.485, 0.456, 0.406]}
-  with pytest.raises(pipeline.IncompatibleInputsError, match="share one tokenizer and one image"):
-    pipeline.check_compatible(teacher, student, teacher_preprocessor=imagenet)
+  with pytest.raises(compat.IncompatibleInputsError, match="share one tokenizer and one image"):
+    compat.check_compatible(teacher, student, teacher_preprocessor=imagenet)
 
 
 if __name__ == "__main__":

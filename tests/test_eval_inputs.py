@@ -12,7 +12,6 @@ from absl import flags
 from ml_collections import config_flags
 from trainer_procs import TINY_CONFIG, main_command, main_env
 
-from clipdistill_jax import experiment
 from clipdistill_jax.eval import prompts
 from clipdistill_jax.eval.datasets import load_zero_shot_dataset
 from clipdistill_jax.report import write_report
@@ -69,7 +68,7 @@ def test_bad_templates_name_the_problem(value, expected):
 def test_bad_templates_fail_before_training(tmp_path):
   config = parse_command_line("--config.eval.templates=('a photo of a {}.', 'no slot')")
   with pytest.raises(ValueError, match="no slot"):
-    experiment.make_eval_fn(config)  # built before train(): nothing has run yet
+    prompts.eval_templates(config.eval.templates)  # what main and the evaluators check first
   result = subprocess.run(
       [*main_command(tmp_path / "run"), "--config.eval.templates=('a {}.', 'no slot')"],
       capture_output=True, text=True, env=main_env(), timeout=300)

@@ -10,10 +10,10 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clipdistill_jax import evaluate
 from clipdistill_jax.data.preprocess import preprocess_image
 from clipdistill_jax.data.tokenizer import load_tokenizer
-from clipdistill_jax.eval import prompts
+from clipdistill_jax.eval import datasets, encode, evaluate, metrics, prompts
+from clipdistill_jax.eval import stats as model_stats_lib
 from clipdistill_jax.models.clip import CLIPModel, init_params
 from clipdistill_jax.models.config import tiny_config
 
@@ -85,7 +85,7 @@ def test_zero_shot_known_answer():
   weights[np.arange(10), labels] = 1.0       # every image points at its class ...
   weights[8] = np.linspace(0.2, 0.9, 8)      # ... except image 8: its class 0 scores last
   weights[9, 4] = 2.0                        # ... and image 9: class 4 first, its class 1 second
-  result = evaluate.zero_shot_eval(weights @ np.eye(num_classes, dim), labels, classifier,
+  result = metrics.zero_shot_eval(weights @ np.eye(num_classes, dim), labels, classifier,
                                    return_logits=True)
   assert result["top1"] == pytest.approx(0.8)
   assert result["top5"] == pytest.approx(0.9)
@@ -95,31 +95,31 @@ def test_zero_shot_known_answer():
   assert result["logits"].max() <= 100.0 + 1e-4
 
   # top5 is top-C when there are fewer than five classes.
-  three = evaluate.zero_shot_eval(np.eye(3)[[2, 0, 1]], [0, 1, 2], np.eye(3))
+  three = metrics.zero_shot_eval(np.eye(3)[[2, 0, 1]], [0, 1, 2], np.eye(3))
   assert three["top1"] == 0.0 and three["top5"] == 1.0
 
 
 def test_zero_shot_ties_count_against_the_model():
-  collapsed = evaluate.zero_shot_eval(np.ones((4, 3)), [0, 1, 2, 0], np.ones((3, 3)))
+  collapsed = metrics.zero_shot_eval(np.ones((4, 3)), [0, 1, 2, 0], np.ones((3, 3)))
   assert collapsed["top1"] == 0.0
   with pytest.raises(ValueError, match="labels must lie"):
-    evaluate.zero_shot_eval(np.eye(2), [0, 5], np.eye(2))
+    metrics.zero_shot_eval(np.eye(2), [0, 5], np.eye(2))
 
 
 def test_classifier_averaging_normalizes_each_template_first():
   # Class 0: templates 2*e0 and e1 -> mean of the unit vectors (e0 + e1) / 2 -> renormalized.
   # Class 1: a single direction repeated.
   prompt_embeds = np.array([[2, 0, 0], [0, 1, 0], [0, 0, 5], [0, 0, 1]], np.float32)
-  classifier = evaluate.average_template_embeddings(prompt_embeds, num_classes=2)
+  classifier = encode.average_template_embeddings(prompt_embeds, num_classes=2)
   np.testing.assert_allclose(classifier, [[2**-0.5, 2**-0.5, 0], [0, 0, 1]], atol=1e-6)
   with pytest.raises(ValueError, match="do not split"):
-    evaluate.average_template_embeddings(prompt_embeds[:3], num_classes=2)
+    encode.average_template_embeddings(prompt_embeds[:3], num_classes=2)
 
 
 def test_zero_shot_classifier_on_tiny_clip(tiny, tokenizer):
   model, params = tiny
   names, templates = ["cat", "dog", "red circle"], ["a photo of a {}.", "a drawing of the {}."]
-  classifier = evaluate.zero_shot_classifier(model, params, tokenizer, names, templates,
+  classifier = encode.zero_shot_classifier(model, params, tokenizer, names, templates,
                                              CONTEXT, batch_size=4)
   assert classifier.shape == (3, model.config.projection_dim)
   np.testing.assert_allclose(np.linalg.norm(classifier, axis=1), 1.0, atol=1e-5)
@@ -135,13 +135,13 @@ def test_zero_shot_classifier_on_tiny_clip(tiny, tokenizer):
 def test_retrieval_known_permutation():
   images = _unit(np.random.default_rng(0).standard_normal((6, 5)))
   perm = np.array([3, 0, 5, 1, 4, 2])
-  exact = evaluate.retrieval_eval(images, images[perm], text_to_image=perm)
+  exact = metrics.retrieval_eval(images, images[perm], text_to_image=perm)
   for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall"):
     assert exact[key] == 1.0
   # Orthogonal embeddings, every caption attached to the wrong image: the correct one ties
   # at cosine 0 with the four other wrong ones and ranks behind the matching one -> rank 5.
   eye = np.eye(6)
-  wrong = evaluate.retrieval_eval(eye, eye, text_to_image=np.roll(np.arange(6), 1))
+  wrong = metrics.retrieval_eval(eye, eye, text_to_image=np.roll(np.arange(6), 1))
   assert wrong["i2t_r1"] == wrong["i2t_r5"] == wrong["t2i_r1"] == wrong["t2i_r5"] == 0.0
   assert wrong["i2t_r10"] == wrong["t2i_r10"] == 1.0
 
@@ -158,7 +158,7 @@ def test_retrieval_coco_style_several_captions():
       0.3 * e[2] + 0.954 * e[3],  # image 2, weak but nothing else matches
   ])
   text_to_image = np.array([0, 0, 1, 1, 2, 2])
-  result = evaluate.retrieval_eval(images, texts, text_to_image)
+  result = metrics.retrieval_eval(images, texts, text_to_image)
   # Images: 0 finds caption 0 first (its other caption ranks last: ANY caption counts);
   # image 1's best caption (0.3) is beaten by image 2's caption 4 (0.8); image 2's best (0.6)
   # by image 1's caption 3 (0.98).
@@ -175,7 +175,7 @@ def test_retrieval_matches_sorting_reference():
   images = _unit(rng.standard_normal((40, 8)))
   text_to_image = np.concatenate([np.arange(40), rng.integers(0, 40, 60)])
   texts = _unit(images[text_to_image] + 0.9 * rng.standard_normal((100, 8)))
-  result = evaluate.retrieval_eval(images, texts, text_to_image)
+  result = metrics.retrieval_eval(images, texts, text_to_image)
   sims = images @ texts.T
   for k in (1, 5, 10):
     top_texts = np.argsort(-sims, axis=1)[:, :k]
@@ -191,28 +191,28 @@ def test_retrieval_matches_sorting_reference():
 
 
 def test_teacher_agreement_and_embedding_cosine():
-  assert evaluate.teacher_agreement(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4])) == 0.75
+  assert metrics.teacher_agreement(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4])) == 0.75
   with pytest.raises(ValueError, match="same examples"):
-    evaluate.teacher_agreement(np.array([1, 2]), np.array([1, 2, 3]))
+    metrics.teacher_agreement(np.array([1, 2]), np.array([1, 2, 3]))
 
   rng = np.random.default_rng(2)
   teacher = rng.standard_normal((5, 4))
-  assert evaluate.embedding_cosine(2 * teacher, teacher) == pytest.approx(1.0)
-  assert evaluate.embedding_cosine(-teacher, teacher) == pytest.approx(-1.0)
+  assert metrics.embedding_cosine(2 * teacher, teacher) == pytest.approx(1.0)
+  assert metrics.embedding_cosine(-teacher, teacher) == pytest.approx(-1.0)
   mixed = np.stack([teacher[0], -teacher[1]])
-  assert evaluate.embedding_cosine(mixed, teacher[:2]) == pytest.approx(0.0, abs=1e-6)
+  assert metrics.embedding_cosine(mixed, teacher[:2]) == pytest.approx(0.0, abs=1e-6)
 
   # Student dim 3 -> teacher dim 4 through a projector.
   student = rng.standard_normal((5, 3))
   kernel = rng.standard_normal((3, 4))
-  assert evaluate.embedding_cosine(student, student @ kernel, projector=kernel) == (
+  assert metrics.embedding_cosine(student, student @ kernel, projector=kernel) == (
       pytest.approx(1.0))
-  assert evaluate.embedding_cosine(student, student @ kernel,
+  assert metrics.embedding_cosine(student, student @ kernel,
                                    projector={"kernel": kernel}) == pytest.approx(1.0)
   with pytest.raises(ValueError, match="projector"):
-    evaluate.embedding_cosine(student, teacher)
+    metrics.embedding_cosine(student, teacher)
   with pytest.raises(ValueError, match="expected"):
-    evaluate.embedding_cosine(student, teacher, projector=kernel.T)
+    metrics.embedding_cosine(student, teacher, projector=kernel.T)
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -224,27 +224,27 @@ def test_encode_images_and_texts_with_and_without_mesh(tiny, tokenizer, mesh):
   images = np.random.default_rng(3).standard_normal((13, size, size, 3)).astype(np.float32)
   direct = _direct_embeds(model, params, images)
   # Uneven input batches (5 + 8) re-cut into fixed batches; the last one padded.
-  plain = evaluate.encode_images(model, params, [images[:5], images[5:]], batch_size=4)
+  plain = encode.encode_images(model, params, [images[:5], images[5:]], batch_size=4)
   assert plain.shape == (13, model.config.projection_dim)
   np.testing.assert_allclose(plain, direct, atol=1e-5)
-  sharded = evaluate.encode_images(model, params, images, batch_size=4, mesh=mesh)
+  sharded = encode.encode_images(model, params, images, batch_size=4, mesh=mesh)
   np.testing.assert_allclose(sharded, plain, atol=1e-5)
   # Params already sharded (replicated) on the mesh pass straight through.
   on_mesh = jax.device_put(params, NamedSharding(mesh, P()))
   np.testing.assert_allclose(
-      evaluate.encode_images(model, on_mesh, iter([images]), batch_size=8, mesh=mesh),
+      encode.encode_images(model, on_mesh, iter([images]), batch_size=8, mesh=mesh),
       plain, atol=1e-5)
 
   texts = ["a photo of a cat", "a dog", "", "two red circles on a noisy background", "x",
            "a photo of a cat", "the end"]
   ids, mask = tokenizer(texts, CONTEXT)
   direct_text = _direct_embeds(model, params, ids, mask)
-  plain_text = evaluate.encode_texts(model, params, tokenizer, texts, CONTEXT, batch_size=3)
+  plain_text = encode.encode_texts(model, params, tokenizer, texts, CONTEXT, batch_size=3)
   np.testing.assert_allclose(plain_text, direct_text, atol=1e-5)
-  sharded_text = evaluate.encode_texts(model, params, tokenizer, texts, CONTEXT, batch_size=3,
+  sharded_text = encode.encode_texts(model, params, tokenizer, texts, CONTEXT, batch_size=3,
                                        mesh=mesh)
   np.testing.assert_allclose(sharded_text, plain_text, atol=1e-5)
-  assert evaluate.encode_texts(model, params, tokenizer, [], CONTEXT).shape == (0, 24)
+  assert encode.encode_texts(model, params, tokenizer, [], CONTEXT).shape == (0, 24)
 
 
 def test_evaluate_zero_shot_and_retrieval_on_synthetic(tiny, tokenizer):
@@ -252,7 +252,7 @@ def test_evaluate_zero_shot_and_retrieval_on_synthetic(tiny, tokenizer):
 
   model, params = tiny
   size = model.config.vision_config.image_size
-  ours = evaluate.load_zero_shot_dataset("synthetic", "test", size, max_examples=10)
+  ours = datasets.load_zero_shot_dataset("synthetic", "test", size, max_examples=10)
   result = evaluate.evaluate_zero_shot(model, params, tokenizer, ours, context_length=CONTEXT,
                                        batch_size=4)
   assert len(result["labels"]) == len(result["predictions"]) == 10
@@ -281,7 +281,7 @@ def test_evaluate_zero_shot_and_retrieval_on_synthetic(tiny, tokenizer):
   mask = np.concatenate([b["attention_mask"] for b in batches])[keep]
   np.testing.assert_allclose(retrieval["text_embeds"],
                              _direct_embeds(model, params, ids, mask), atol=1e-5)
-  expected = evaluate.retrieval_eval(retrieval["image_embeds"], retrieval["text_embeds"],
+  expected = metrics.retrieval_eval(retrieval["image_embeds"], retrieval["text_embeds"],
                                      np.arange(10))
   assert all(retrieval[k] == expected[k] for k in expected)
 
@@ -310,7 +310,7 @@ def test_evaluate_retrieval_counts_every_caption_of_every_image(tiny, tokenizer)
   ids, attention = tokenizer([t for row in texts for t in row], CONTEXT)
   np.testing.assert_allclose(result["text_embeds"], _direct_embeds(model, params, ids, attention),
                              atol=1e-5)
-  expected = evaluate.retrieval_eval(result["image_embeds"], result["text_embeds"],
+  expected = metrics.retrieval_eval(result["image_embeds"], result["text_embeds"],
                                      [0, 0, 1, 2, 2, 2, 3])
   assert all(result[k] == expected[k] for k in expected)
 
@@ -320,8 +320,8 @@ def test_evaluate_retrieval_counts_every_caption_of_every_image(tiny, tokenizer)
 
 def test_model_stats_on_tiny_model(tiny):
   model, params = tiny
-  stats = evaluate.model_stats(model, params, model.config, batch_sizes=(2,), repeats=2)
-  counts = evaluate.tower_param_counts(params)
+  stats = model_stats_lib.model_stats(model, params, model.config, batch_sizes=(2,), repeats=2)
+  counts = model_stats_lib.tower_param_counts(params)
   assert stats["params_vision"] == counts["params_vision"] > 0
   assert stats["params_vision"] + stats["params_text"] + 1 == stats["params_total"]  # + scale
   assert stats["size_mb_fp32"] == pytest.approx(stats["params_total"] * 4 / 1e6)
@@ -357,7 +357,7 @@ def test_folder_dataset_skips_and_counts_corrupt_images(tmp_path):
   (tmp_path / "dog_house" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
   (tmp_path / "dog_house" / "notes.txt").write_text("not an image, not counted")
 
-  dataset = evaluate.load_zero_shot_dataset(f"folder:{tmp_path}", "test", image_size=16)
+  dataset = datasets.load_zero_shot_dataset(f"folder:{tmp_path}", "test", image_size=16)
   assert dataset.class_names == ("cat", "dog house")
   assert dataset.num_examples == 4
   with pytest.warns(UserWarning, match="Skipped 1 unreadable"):
@@ -370,4 +370,4 @@ def test_folder_dataset_skips_and_counts_corrupt_images(tmp_path):
   np.testing.assert_allclose(images, expected, atol=1e-6)
 
   with pytest.raises(FileNotFoundError, match="one subfolder per class"):
-    evaluate.load_zero_shot_dataset(f"folder:{tmp_path}/missing", "test", 16)
+    datasets.load_zero_shot_dataset(f"folder:{tmp_path}/missing", "test", 16)

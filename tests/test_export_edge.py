@@ -292,7 +292,7 @@ def test_litert_rows_in_the_table(litert_export):
 def test_cli_runs_on_litert_without_onnxruntime(litert_export, tmp_path, monkeypatch, capsys):
   from PIL import Image
 
-  from clipdistill_jax import cli
+  from clipdistill_jax.export import cli
   out = litert_export[2]
   image = tmp_path / "cat.png"
   Image.fromarray(reference_photos().images[1]).save(image)

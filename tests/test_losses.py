@@ -8,19 +8,21 @@ from flax import linen as nn
 
 from clipdistill_jax import losses
 from clipdistill_jax.losses import (
-    DistillLoss,
-    FeatureProjectors,
-    attention_loss,
-    contrastive_loss,
-    embedding_feature_loss,
-    hidden_state_loss,
-    layer_map_from_teacher_layers,
-    logit_kl_loss,
-    resolve_layer_map,
-    uniform_layer_map,
+  DistillLoss,
+  attention_loss,
+  contrastive_loss,
+  embedding_feature_loss,
+  hidden_state_loss,
+  logit_kl_loss,
 )
 from clipdistill_jax.models.clip import CLIPModel, CLIPOutput, init_params
 from clipdistill_jax.models.config import tiny_config
+from clipdistill_jax.models.layer_map import (
+  layer_map_from_teacher_layers,
+  resolve_layer_map,
+  uniform_layer_map,
+)
+from clipdistill_jax.models.projectors import FeatureProjectors
 from clipdistill_jax.models.student import student_config
 
 RNG = np.random.default_rng(0)

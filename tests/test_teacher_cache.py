@@ -11,7 +11,7 @@ import pytest
 from test_data import png_bytes, write_jsonl
 from tiny_models import tiny_distill_config
 
-from clipdistill_jax import teacher_cache, train
+from clipdistill_jax import run_builder, teacher_cache, teacher_cache_reader, train
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.synthetic import SyntheticCaptions
 from clipdistill_jax.data.tokenizer import load_tokenizer
@@ -44,9 +44,9 @@ def test_cache_round_trip_in_training_order(teacher_dir, tmp_path):
   assert sorted(p.name for p in out.glob("*.safetensors")) == [
       "teacher-00000000-host000.safetensors", "teacher-00000002-host000.safetensors"]
 
-  cache = teacher_cache.TeacherCache(out)
+  cache = teacher_cache_reader.TeacherCache(out)
   cache.check_config(config, process_count=1)
-  models = train.build_models(config)
+  models = run_builder.build_models(config)
   batches = pipeline.make_train_iterator(
       config.data, global_batch_size=8, image_size=models.student_config.vision_config.image_size,
       context_length=models.context_length, tokenizer=load_tokenizer(None), process_index=0,
@@ -60,7 +60,7 @@ def test_cache_round_trip_in_training_order(teacher_dir, tmp_path):
     batch.pop("num_skipped", None)
     for k in ("teacher_image_embeds", "teacher_text_embeds"):
       assert cached[k].dtype == ml_dtypes.bfloat16 and cached[k].shape == (8, 24)
-    merged = teacher_cache.merge_cached(batch, cached, step)  # checks the row order
+    merged = teacher_cache_reader.merge_cached(batch, cached, step)  # checks the row order
     want = embed(models.teacher_params, batch)
     np.testing.assert_allclose(merged["teacher_image_embeds"].astype(np.float32),
                                want.image_embeds, atol=1e-2)
@@ -77,7 +77,7 @@ def test_cache_round_trip_in_training_order(teacher_dir, tmp_path):
   assert last.read_bytes() == before
   # A batch from another step is caught.
   with pytest.raises(teacher_cache.TeacherCacheError, match="not the ones"):
-    teacher_cache.merge_cached(next(batches), cached_steps[0][1], 3)
+    teacher_cache_reader.merge_cached(next(batches), cached_steps[0][1], 3)
 
 
 def test_cached_mode_refuses_what_it_cannot_serve(teacher_dir, tmp_path):
@@ -91,12 +91,12 @@ def test_cached_mode_refuses_what_it_cannot_serve(teacher_dir, tmp_path):
     teacher_cache.write_teacher_cache(_cache_config(teacher_dir, **{"data.flip": True}),
                                       tmp_path / "x", num_steps=1)
   with pytest.raises(FileNotFoundError, match="python -m clipdistill_jax.teacher_cache"):
-    teacher_cache.TeacherCache(tmp_path / "nothing")
+    teacher_cache_reader.TeacherCache(tmp_path / "nothing")
 
   out = tmp_path / "cache"
   teacher_cache.write_teacher_cache(_cache_config(teacher_dir), out, num_steps=2,
                                     log=lambda m: None)
-  cache = teacher_cache.TeacherCache(out)
+  cache = teacher_cache_reader.TeacherCache(out)
   with pytest.raises(teacher_cache.TeacherCacheError, match="global_batch_size"):
     cache.check_config(_cache_config(teacher_dir, **{"train.batch_size": 16}), 1)
   with pytest.raises(teacher_cache.TeacherCacheError, match="holds 2 steps"):
@@ -177,14 +177,14 @@ def test_views_cache_round_trip(teacher_dir, manifest, tmp_path):
                                      "teacher-views-000000008.safetensors"]
 
   config.data.num_views = VIEWS
-  cache = teacher_cache.TeacherCache(out)
+  cache = teacher_cache_reader.TeacherCache(out)
   cache.check_config(config, process_count=1, image_size=32, context_length=16)
   rows = cache.lookup(np.arange(ROWS), np.zeros(ROWS, int))
   assert rows["image_embeds"].dtype == ml_dtypes.bfloat16
   assert rows["image_embeds"].shape == rows["text_embeds"].shape == (ROWS, 24)
   assert rows["augmentation"].shape == (ROWS, 4) and rows["valid"].all()
 
-  models = train.build_models(config)
+  models = run_builder.build_models(config)
   batches = pipeline.make_train_iterator(
       config.data, global_batch_size=8, image_size=32, context_length=models.context_length,
       tokenizer=load_tokenizer(None), process_index=0, process_count=1)
@@ -231,7 +231,7 @@ def test_views_cache_round_trip(teacher_dir, manifest, tmp_path):
 def test_views_cache_refuses_what_it_cannot_serve(teacher_dir, manifest, tmp_path):
   out = teacher_cache.write_teacher_cache(_views_config(teacher_dir, manifest), tmp_path / "c",
                                           views=2, steps_per_shard=1, log=lambda m: None)
-  cache = teacher_cache.TeacherCache(out)
+  cache = teacher_cache_reader.TeacherCache(out)
   good = _views_config(teacher_dir, manifest, **{"data.num_views": 2})
   cache.check_config(good, 1, image_size=32, context_length=16)
   # Other batch sizes, host counts and lengths of training are fine: rows are per example.
@@ -270,7 +270,7 @@ def test_views_cache_refuses_what_it_cannot_serve(teacher_dir, manifest, tmp_pat
   steps = teacher_cache.write_teacher_cache(_cache_config(teacher_dir), tmp_path / "steps",
                                             num_steps=1, log=lambda m: None)
   with pytest.raises(teacher_cache.TeacherCacheError, match="write a multi-view cache"):
-    teacher_cache.TeacherCache(steps).check_config(
+    teacher_cache_reader.TeacherCache(steps).check_config(
         _views_config(teacher_dir, manifest, **{"data.num_views": 2}), 1)
 
 

@@ -1,10 +1,12 @@
 """The jitted, sharded update step: meshes agree with one device; loss falls; NaN guard."""
 
+import copy
+
 import jax
 import numpy as np
 import pytest
 
-from clipdistill_jax import config_lib, optim, sharding, train
+from clipdistill_jax import config_lib, optim, run_builder, sharding
 from clipdistill_jax.data.synthetic import SyntheticCaptions
 from clipdistill_jax.data.tokenizer import load_tokenizer
 from clipdistill_jax.models import hf
@@ -57,18 +59,12 @@ def _batches(n, batch_size, config):
 
 
 def _run(config, mesh_shape, steps=3):
-  models = train.build_models(config)
-  loss = train.make_loss(config, models)
-  tx, schedule = optim.make_optimizer(config.optim, 10)
+  config = copy.deepcopy(config)
+  config.train.total_steps, config.mesh.shape = 10, mesh_shape
   mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
-  state, shardings = train.init_state(config, models, loss, tx, mesh, jax.random.key(0))
-  teacher_abstract = jax.eval_shape(models.teacher.init, jax.random.key(0),
-                                    *train.dummy_inputs(models.teacher_config))["params"]
-  teacher_shardings = sharding.param_shardings(teacher_abstract, mesh, config.mesh.rules)
-  teacher = sharding.put_tree(models.teacher_params, teacher_shardings)
-  step_fn = jax.jit(train.make_train_step(models, loss, tx, schedule, 100.0),
-                    in_shardings=(shardings, sharding.batch_sharding(mesh), teacher_shardings),
-                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  run = run_builder.build_run(config, mesh=mesh)
+  models, state, shardings = run.models, run.state, run.state_shardings
+  step_fn, teacher = run.step_fn, run.teacher_params
   losses = []
   with jax.set_mesh(mesh):
     for batch in _batches(steps, config.train.batch_size, models.student_config):

@@ -11,7 +11,7 @@ with b = global_batch_size // process_count; the trainer builds the global array
 jax.make_array_from_process_local_data. Teacher and student consume the SAME batch: one
 tokenizer, one image transform (resize, crop, normalization, augmentation) for both. A
 teacher that needs other inputs than the student cannot be distilled from this batch:
-check_compatible(teacher_config, student_config) says so before training starts.
+compat.check_compatible(teacher_config, student_config) says so before training starts.
 
 Order and resume. The order is a pure function of data.seed, the host and the step:
   * synthetic: step s is global examples [s*B, (s+1)*B) of an endless stream, and host p
@@ -61,11 +61,6 @@ import numpy as np
 
 from clipdistill_jax.data import preprocess
 from clipdistill_jax.data.batches import CorruptLimits, EvalDataset, caption_fn
-from clipdistill_jax.data.compat import (  # noqa: F401  (re-exported for the trainer)
-    IncompatibleInputsError,
-    SharedInputs,
-    check_compatible,
-)
 from clipdistill_jax.data.synthetic import SyntheticCaptions
 
 SOURCES = ("synthetic", "tfds", "manifest", "tfrecord", "webdataset", "folder")

@@ -18,9 +18,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clipdistill_jax.eval.prompts import fill_templates, get_templates
-from clipdistill_jax.models.clip import CLIPModel
-
-BATCH_AXES = ("data", "fsdp")
+from clipdistill_jax.models.clip import CLIPModel, l2_normalize
+from clipdistill_jax.sharding import BATCH_AXES
 
 
 def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
@@ -176,11 +175,6 @@ def encode_token_ids(model: CLIPModel, params: Any,
   return _encode_blocks(fn, params, blocks, model.config.projection_dim)
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-  norm = np.linalg.norm(x, axis=-1, keepdims=True)
-  return x / np.maximum(norm, 1e-12)
-
-
 def average_template_embeddings(text_embeds: np.ndarray, num_classes: int) -> np.ndarray:
   """[C * T, P] class-major prompt embeddings -> [C, P] classifier, as CLIP builds it:
   normalize each prompt embedding, average over templates, normalize again."""
@@ -188,8 +182,8 @@ def average_template_embeddings(text_embeds: np.ndarray, num_classes: int) -> np
   if num_classes < 1 or len(text_embeds) % num_classes:
     raise ValueError(f"{len(text_embeds)} prompt embeddings do not split into {num_classes} "
                      "classes with the same number of templates each.")
-  per_class = _l2_normalize(text_embeds).reshape(num_classes, -1, text_embeds.shape[-1])
-  return _l2_normalize(per_class.mean(axis=1))
+  per_class = l2_normalize(text_embeds).reshape(num_classes, -1, text_embeds.shape[-1])
+  return l2_normalize(per_class.mean(axis=1))
 
 
 def zero_shot_classifier(model: CLIPModel, params: Any, tokenizer, class_names: Sequence[str],

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from clipdistill_jax.models.clip import l2_normalize
+
 # Rows of the similarity matrix computed at once; bounds memory at CHUNK x num_candidates.
 _CHUNK = 1024
 
@@ -24,10 +26,6 @@ def _as_2d(x: Any, what: str) -> np.ndarray:
   return x
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def zero_shot_eval(image_embeds: np.ndarray, labels: np.ndarray, classifier: np.ndarray,
                    logit_scale: float = 100.0, *, return_logits: bool = False
                    ) -> dict[str, Any]:
@@ -37,8 +35,8 @@ def zero_shot_eval(image_embeds: np.ndarray, labels: np.ndarray, classifier: np.
   the logits) and num_examples; with return_logits, also logits float32 [N, C] =
   logit_scale * cosine (the scale changes no metric; it makes softmax probabilities CLIP's).
   """
-  image_embeds = _l2_normalize(_as_2d(image_embeds, "image_embeds"))
-  classifier = _l2_normalize(_as_2d(classifier, "classifier"))
+  image_embeds = l2_normalize(_as_2d(image_embeds, "image_embeds"))
+  classifier = l2_normalize(_as_2d(classifier, "classifier"))
   labels = np.asarray(labels).astype(np.int64).reshape(-1)
   if len(labels) != len(image_embeds):
     raise ValueError(f"{len(labels)} labels for {len(image_embeds)} image embeddings.")
@@ -84,8 +82,8 @@ def retrieval_eval(image_embeds: np.ndarray, text_embeds: np.ndarray,
   Images without captions are not used as queries. Returns i2t_r{k}, t2i_r{k} (fractions),
   mean_recall (their mean, as CLIP benchmarks report), num_image_queries, num_text_queries.
   """
-  image_embeds = _l2_normalize(_as_2d(image_embeds, "image_embeds"))
-  text_embeds = _l2_normalize(_as_2d(text_embeds, "text_embeds"))
+  image_embeds = l2_normalize(_as_2d(image_embeds, "image_embeds"))
+  text_embeds = l2_normalize(_as_2d(text_embeds, "text_embeds"))
   text_to_image = np.asarray(text_to_image).astype(np.int64).reshape(-1)
   num_images, num_texts = len(image_embeds), len(text_embeds)
   if len(text_to_image) != num_texts:
@@ -174,5 +172,5 @@ def embedding_cosine(student_embeds: np.ndarray, teacher_embeds: np.ndarray,
                      "embedding projector, e.g. projector_params['image_embeds']).")
   if not len(student):
     return float("nan")
-  cosine = np.sum(_l2_normalize(student) * _l2_normalize(teacher), axis=1)
+  cosine = np.sum(l2_normalize(student) * l2_normalize(teacher), axis=1)
   return float(np.mean(cosine))

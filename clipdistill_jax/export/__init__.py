@@ -8,6 +8,7 @@
   onnx_runtime.py    running the ONNX files with onnxruntime + numpy + PIL only (the CLI)
   litert_export.py   separate vision/text LiteRT files from the Flax student (jax2tf)
   litert_runtime.py  running the LiteRT files with a LiteRT interpreter (the CLI's fallback)
+  cli.py             the `clipdistill` command: search, moderate, classify with those files
   model_card.py      OUT/README.md, the Hugging Face model card
   benchmark.py       size and CPU latency table
   samples.py         photos + captions, and the zero-shot sets the checks use

@@ -19,6 +19,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clipdistill_jax.models.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
@@ -343,7 +344,7 @@ class CLIPModel(nn.Module):
                    return_attention: bool = False) -> CLIPOutput:
     pooled, hidden, attentions = self.vision_model(pixel_values, return_hidden,
                                                    return_attention)
-    embeds = _normalize(self.visual_projection(pooled))
+    embeds = l2_normalize(self.visual_projection(pooled))
     return CLIPOutput(image_embeds=embeds, image_pooled=pooled, vision_hidden_states=hidden,
                       vision_attentions=attentions)
 
@@ -351,7 +352,7 @@ class CLIPModel(nn.Module):
                   return_hidden: bool = False, return_attention: bool = False) -> CLIPOutput:
     pooled, hidden, attentions = self.text_model(input_ids, attention_mask, return_hidden,
                                                  return_attention)
-    embeds = _normalize(self.text_projection(pooled))
+    embeds = l2_normalize(self.text_projection(pooled))
     return CLIPOutput(text_embeds=embeds, text_pooled=pooled, text_hidden_states=hidden,
                       text_attentions=attentions)
 
@@ -372,9 +373,17 @@ class CLIPModel(nn.Module):
         vision_attentions=image.vision_attentions, text_attentions=text.text_attentions)
 
 
-def _normalize(x: Array) -> Array:
-  x = x.astype(jnp.float32)
-  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+def l2_normalize(x: Array | np.ndarray, eps: float = 1e-12) -> Array | np.ndarray:
+  """x / ||x||_2 along the last axis, the norm floored at eps (a zero vector stays zero).
+
+  The one normalization of the project: the model's embeddings, the losses and the host-side
+  metrics use it. A numpy array comes back numpy in its own dtype; anything else (a jax array,
+  a tracer) comes back a float32 jax array.
+  """
+  if isinstance(x, np.ndarray):
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+  x = jnp.asarray(x).astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def init_params(model: CLIPModel, rng: Array) -> dict:

@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from clipdistill_jax.layer_map import uniform_layer_map
 from clipdistill_jax.models.clip import CLIPModel, dummy_inputs, init_params
 from clipdistill_jax.models.config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from clipdistill_jax.models.layer_map import uniform_layer_map
 
 Array = jax.Array
 

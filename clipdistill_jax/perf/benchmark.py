@@ -155,7 +155,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
   interleave: run all of our variants in one process, their steps taken in turn (drift-free
   ratios between them; host memory then is the shared process's), the peer in its own.
   """
-  from clipdistill_jax import train
+  from clipdistill_jax import run_builder
   from clipdistill_jax.models import hf
 
   variants = list(variants)
@@ -165,13 +165,13 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
   config = ml_collections.ConfigDict(config.to_dict())
   config.train.batch_size = batch_size
   teacher_config = teacher_config_for(teacher)
-  student_config = train.make_student_config(config.student, teacher_config)
-  loss = train.make_loss(config, train.Models(student_config, None, teacher_config))
+  student_config = run_builder.make_student_config(config.student, teacher_config)
+  loss = run_builder.make_loss(config, run_builder.Models(student_config, None, teacher_config))
 
   def _flops_of(variant: str) -> dict[str, float]:
-    variant_loss = loss if variant != "cached" else train.make_loss(
+    variant_loss = loss if variant != "cached" else run_builder.make_loss(
         _variant_config(config, "cached", remat_policy),
-        train.Models(student_config, None, teacher_config))
+        run_builder.Models(student_config, None, teacher_config))
     return _analytic_flops(variant_loss, student_config.to_dict(), teacher_config.to_dict(),
                            batch_size, online=variant != "cached")
 

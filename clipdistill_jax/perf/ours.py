@@ -1,9 +1,9 @@
 """Our side of the step benchmark: the trainer's own jitted update step, timed.
 
 Run by the benchmark in its own process (`python -m clipdistill_jax.perf.ours --spec S
---out O`): the models come from train.build_models (the teacher from a directory the
-benchmark wrote), the loss from train.make_loss, the state from train.init_state, the step
-from train.make_train_step, jitted with the trainer's shardings on the trainer's mesh.
+--out O`): the run (models with the teacher from a directory the benchmark wrote, loss,
+optimizer, sharded state, teacher placement, the jitted step) comes from
+run_builder.build_run, as the trainer's does.
 The student then starts from the weights the peer loads too, so the first-step losses of
 both sides can be compared. A spec with `variants` builds all of them in this one process
 and times their steps in turn (run_interleaved; the benchmark's --interleave).
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from clipdistill_jax import optim, sharding, teacher_cache, train
+from clipdistill_jax import run_builder, sharding, teacher_cache
 from clipdistill_jax.models import hf
 from clipdistill_jax.perf import common
 
@@ -70,35 +70,25 @@ def _build(spec: dict[str, Any]) -> _Built:
   cached = bool(spec["cached_teacher"])
   devices = jax.devices()[:spec.get("num_devices") or jax.device_count()]
 
-  # --- models, loss, optimizer (the trainer's functions) ---------------------------------
-  models = train.build_models(config)
-  loss = train.make_loss(config, models)
-  if cached:  # cached embeddings carry no logit scale: use the teacher's (as the cache does)
-    loss = dataclasses.replace(
-        loss, teacher_logit_scale=teacher_cache.teacher_logit_scale(models.teacher_params))
-  tx, schedule = optim.make_optimizer(config.optim, config.train.total_steps)
-
-  # --- mesh and sharded state ------------------------------------------------------------
+  # --- the run, assembled as the trainer assembles it (run_builder.build_run) -------------
+  models = run_builder.build_models(config)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices=devices)
-  state, state_shardings = train.init_state(config, models, loss, tx, mesh, jax.random.key(0))
-  state["params"]["student"] = sharding.put_tree(  # the peer's starting point too
-      _student_params(spec["student_dir"]), state_shardings["params"]["student"])
-  teacher_params, teacher_shardings = train.place_teacher(models, mesh, config.mesh.rules)
-
   host_batch = common.make_batch(spec["batch_size"], **spec["batch_shape"], seed=spec["seed"])
+  scale = None
   if cached:  # what the cache holds for this batch; then the teacher leaves the device
+    # cached embeddings carry no logit scale: use the teacher's (as the cache does)
+    scale = teacher_cache.teacher_logit_scale(models.teacher_params)
+    teacher_params, _ = run_builder.place_teacher(models, mesh, config.mesh.rules)
     with jax.set_mesh(mesh):
       host_batch.update(cached_teacher_outputs(models.teacher, teacher_params, host_batch,
                                                mesh))
-    teacher_params = teacher_shardings = None
+    del teacher_params
+  built = run_builder.build_run(config, models, mesh=mesh, rng=jax.random.key(0),
+                                cached_teacher_logit_scale=scale)
+  state, teacher_params, step_fn = built.state, built.teacher_params, built.step_fn
+  state["params"]["student"] = sharding.put_tree(  # the peer's starting point too
+      _student_params(spec["student_dir"]), built.state_shardings["params"]["student"])
   batch = sharding.shard_host_batch(host_batch, mesh)
-
-  # --- the jitted step, exactly as train.train() builds it -------------------------------
-  step_fn = jax.jit(
-      train.make_train_step(models, loss, tx, schedule, config.optim.max_logit_scale,
-                            cached_teacher=cached),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
-      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
   with jax.set_mesh(mesh):
     compile_start = time.perf_counter()
@@ -120,8 +110,8 @@ def _build(spec: dict[str, Any]) -> _Built:
       "name": spec["name"], "framework": f"jax {jax.__version__}",
       "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
       "num_devices": len(devices), "cached_teacher": cached,
-      "teacher_dtype": config.teacher.get("dtype", "float32"),
-      "remat_policy": config.student.get("remat_policy", "none"),
+      "teacher_dtype": config.teacher.dtype,
+      "remat_policy": config.student.remat_policy,
       "setup_s": setup_s, "compile_s": compile_s, "xla_flops": xla_flops(compiled),
       "first_step_losses": first, "persistent_bytes": persistent,
   }

@@ -4,8 +4,8 @@ A tower's layers are numbered 1..L everywhere in this project, the way its hidde
 `hidden_states[j]` is the output of layer j (`layers_{j-1}` in the param tree),
 `hidden_states[0]` the embeddings (never mapped), `attentions[j-1]` the attention
 probabilities inside layer j. A layer map is a tuple of (student_layer, teacher_layer) pairs
-in that numbering. losses.py re-exports these; models/student.py uses `uniform_layer_map`
-to choose the teacher layers a student inherits.
+in that numbering. losses.py validates the maps it is given; models/student.py uses
+`uniform_layer_map` to choose the teacher layers a student inherits.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
-"""Evaluation of teacher and student: zero-shot classification, retrieval, teacher agreement,
-embedding cosine, size/speed/memory. The building blocks live in clipdistill_jax/eval/:
+"""One model on one dataset: zero-shot accuracy (evaluate_zero_shot) and image<->text
+retrieval (evaluate_retrieval), from batches to metrics. The evaluators the trainer and the
+experiment run by name are in evaluators.py; the building blocks beside this module.
 
-  prompts   templates (80 OpenAI ImageNet, 7 simple, CIFAR, 'a photo of a {}.') and class names
-  encode    jitted, mesh-aware encode_images / encode_texts / encode_token_ids,
-            zero_shot_classifier
-  metrics   zero_shot_eval, retrieval_eval, teacher_agreement, embedding_cosine (numpy)
-  datasets  load_zero_shot_dataset: tfds, 'folder:PATH', 'synthetic'
-  stats     model_stats: params, sizes, latency, throughput, peak memory
-
-Typical use (the trainer runs this for teacher and student on the same data):
-
-    dataset = load_zero_shot_dataset("cifar10", "test", image_size=224)
+    dataset = load_zero_shot_dataset("cifar10", "test", image_size=224)   # eval/datasets.py
     result = evaluate_zero_shot(model, params, tokenizer, dataset, context_length=77,
                                 batch_size=256, mesh=mesh)
     result["top1"], result["predictions"], result["image_embeds"]
@@ -24,36 +16,11 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from clipdistill_jax.eval.datasets import ZeroShotDataset, load_zero_shot_dataset
-from clipdistill_jax.eval.encode import (
-    average_template_embeddings,
-    encode_images,
-    encode_texts,
-    encode_token_ids,
-    zero_shot_classifier,
-)
-from clipdistill_jax.eval.metrics import (
-    embedding_cosine,
-    retrieval_eval,
-    teacher_agreement,
-    zero_shot_eval,
-)
-from clipdistill_jax.eval.prompts import (
-    OPENAI_IMAGENET_TEMPLATES,
-    SIMPLE_IMAGENET_TEMPLATES,
-    TEMPLATE_SETS,
-    get_templates,
-)
-from clipdistill_jax.eval.stats import model_stats, tower_param_counts
+from clipdistill_jax.eval.datasets import ZeroShotDataset
+from clipdistill_jax.eval.encode import encode_images, encode_token_ids, zero_shot_classifier
+from clipdistill_jax.eval.metrics import retrieval_eval, zero_shot_eval
+from clipdistill_jax.eval.prompts import get_templates
 from clipdistill_jax.models.clip import CLIPModel
-
-__all__ = [
-    "OPENAI_IMAGENET_TEMPLATES", "SIMPLE_IMAGENET_TEMPLATES", "TEMPLATE_SETS", "ZeroShotDataset",
-    "average_template_embeddings", "embedding_cosine", "encode_images", "encode_texts",
-    "encode_token_ids", "evaluate_retrieval", "evaluate_zero_shot", "get_templates",
-    "load_zero_shot_dataset", "model_stats", "retrieval_eval", "teacher_agreement",
-    "tower_param_counts", "zero_shot_classifier", "zero_shot_eval",
-]
 
 
 def _image_label_batches(dataset: Any, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
