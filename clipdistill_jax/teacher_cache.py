@@ -73,6 +73,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from clipdistill_jax.errors import UserError
+
 # 2: manifests say their kind ('steps' | 'views'); 1: step caches written before, still read.
 FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
@@ -88,7 +90,7 @@ VIEW_DATA_KEYS = ("source", "path", "image_key", "caption_key", "num_train_examp
                   "crop_min_scale", "flip", "num_views")
 
 
-class TeacherCacheError(ValueError):
+class TeacherCacheError(UserError, ValueError):
   """A cache that cannot serve this config (wrong data, batch, teacher, losses or length)."""
 
 
@@ -180,6 +182,8 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
   Raises TeacherCacheError for a config the cache cannot serve, or a directory holding a
   cache written with other settings.
   """
+  from clipdistill_jax import config_lib
+  config_lib.resolve(config)  # the data order the trainer will read (data.seed)
   if views is not None:
     given = config.data.get("num_views")
     if given is not None and int(given) != int(views):
@@ -684,23 +688,30 @@ def merge_cached(batch: dict[str, np.ndarray], cached: Mapping[str, np.ndarray],
 def main(argv: list[str]) -> None:
   from absl import flags
 
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments {argv[1:]}")
-  from clipdistill_jax import recipes
+  from clipdistill_jax import errors
 
-  f = flags.FLAGS
-  out = f.config.teacher.get("cache_dir") or os.path.join(f.workdir, "teacher_cache")
+  if len(argv) > 1:
+    raise SystemExit(f"error: unexpected arguments {argv[1:]}")
+  with errors.boundary():  # user errors: `error:` lines, exit 1
+    _main(flags.FLAGS)
+
+
+def _main(f) -> None:
+  from clipdistill_jax import config_lib, recipes
+  from clipdistill_jax.config_validate import validate
+
+  config = config_lib.resolve(f.config)
+  out = config.teacher.get("cache_dir") or os.path.join(f.workdir, "teacher_cache")
   try:
-    config = recipes.apply_recipe(f.config)  # the losses a recipe names decide what is cached
-  except ValueError as e:  # an unknown recipe name
-    raise SystemExit(f"error: {e}") from None
+    config = recipes.apply_recipe(config)  # the losses a recipe names decide what is cached
+  except ValueError:  # an unknown recipe: listed by validate with every other problem
+    validate(config)
+    raise
+  validate(config)
   views = f.views if f.views is not None else config.data.get("num_views")
-  try:
-    write_teacher_cache(config, out, num_steps=f.num_steps, num_examples=f.num_examples,
-                        views=f.views, store_pooled=f.store_pooled,
-                        steps_per_shard=f.steps_per_shard)
-  except (FileNotFoundError, TeacherCacheError) as e:  # fixable by the user: no traceback
-    raise SystemExit(f"error: {e}") from None
+  write_teacher_cache(config, out, num_steps=f.num_steps, num_examples=f.num_examples,
+                      views=f.views, store_pooled=f.store_pooled,
+                      steps_per_shard=f.steps_per_shard)
   flags_ = f"--config.teacher.cache_dir={out}" + (
       f" --config.data.num_views={views}" if views is not None else "")
   print(f"teacher cache written to {out}; train with {flags_} (and the same config otherwise).")

@@ -23,9 +23,10 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from clipdistill_jax import checkpoints, losses, optim, sharding, teacher_cache
+from clipdistill_jax import checkpoints, config_lib, losses, optim, sharding, teacher_cache
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.tokenizer import load_tokenizer
+from clipdistill_jax.errors import UserError
 from clipdistill_jax.models import hf, student
 from clipdistill_jax.models.clip import CLIPModel, CLIPOutput, dummy_inputs
 from clipdistill_jax.models.config import CLIPConfig, tiny_config
@@ -45,11 +46,11 @@ class Models:
   context_length: int = 77    # tokens both text towers take (the shorter one)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   pass
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config that cannot run as written; the message says which fields to change."""
 
 
@@ -277,6 +278,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   eval_fn(step, models, student_params) -> scalars, called every config.eval.every steps and
   at the end; its results are logged with the training metrics.
   """
+  config_lib.resolve(config)  # data.seed None -> config.seed; 'None' strings -> None
   maybe_initialize_distributed(config)
   workdir = str(workdir)
   Path(workdir).mkdir(parents=True, exist_ok=True)
