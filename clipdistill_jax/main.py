@@ -28,7 +28,6 @@ from clipdistill_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
-MODES = ("train", "experiment", "ablation")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.")
 flags.mark_flags_as_required(["config", "workdir"])
 

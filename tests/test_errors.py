@@ -104,6 +104,9 @@ def test_main_lists_config_problems_before_any_work(tmp_path):
   assert lines[1].startswith("error: train.batch_size=16 does not divide over the 3 "
                              "data-parallel devices")
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_main_refuses_a_mesh_larger_than_the_devices(tmp_path):
   code, err = run_main(tmp_path, "--config.mesh.shape=(3, 1, 1)")
   assert code == 1 and "Traceback" not in err, err[-3000:]
   assert "error: mesh.shape=(3, 1, 1) needs 3 devices; there are 2." in err
