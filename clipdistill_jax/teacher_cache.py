@@ -125,6 +125,8 @@ def check_cacheable(config: ml_collections.ConfigDict) -> None:
 def data_fingerprint(config: ml_collections.ConfigDict, process_count: int) -> dict[str, Any]:
   """Everything the training order depends on; a step cache is valid iff these match."""
   data = json.loads(json.dumps(config.data.to_dict(), sort_keys=True, default=str))
+  if data.get("seed") is None:  # unresolved: the data order follows config.seed
+    data["seed"] = int(config.seed)
   if data.get("num_views", 0) is None:
     del data["num_views"]  # caches written before the knob existed stay valid
   key = {"data": data, "tokenizer": config.get("tokenizer"),
@@ -140,6 +142,8 @@ def views_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   cache serves a config iff these match (image size and context length are checked apart)."""
   data = config.data
   views_data = json.loads(json.dumps({k: data.get(k) for k in VIEW_DATA_KEYS}, default=str))
+  if "seed" in views_data and views_data["seed"] is None:  # follows config.seed
+    views_data["seed"] = int(config.seed)
   key = {"data": views_data, "tokenizer": config.get("tokenizer"),
          "teacher_source": str(config.teacher.source),
          "teacher_dtype": config.teacher.get("dtype", "float32")}
