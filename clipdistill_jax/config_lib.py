@@ -4,11 +4,12 @@ Field by field:
   mode               'train' (one run), 'experiment' (teacher / distilled / no-teacher table;
                      experiment.* in clipdistill_jax/experiment.py) or 'ablation' (recipes x
                      step budgets x seeds against the no-teacher student; ablation.*)
-  seed               init and data order
+  seed               the student's init; also the data order unless data.seed is set
   tokenizer          a directory with CLIP tokenizer files; None = the packaged CLIP BPE.
                      Teacher and student share the tokenizer and the image transforms: a
                      student is distilled on exactly the inputs the teacher sees.
-  teacher.source     HF hub id or local directory (load_pretrained); None = no teacher
+  teacher.source     HF hub id or local directory (load_pretrained); None = no teacher (on
+                     the command line: --config.teacher.source=None, =none or =)
   teacher.dtype      'float32' | 'bfloat16' (a frozen bf16 teacher halves its memory; its time
                      too where matmuls have bf16 units (TPU, GPU); not on a plain x86 CPU)
   teacher.cache_dir  None = run the teacher live; a directory written by
@@ -38,7 +39,8 @@ Field by field:
                      'none', or student:teacher pairs ('3:4,8:12'); attention_layers likewise
   optim.*            AdamW, schedule, clipping, accumulation, logit-scale clamp
   train.*            steps, global batch, logging / checkpoint intervals
-  data.*             see clipdistill_jax/data/pipeline.py
+  data.*             see clipdistill_jax/data/pipeline.py; data.seed None (the default) =
+                     config.seed, so one seed changes init and data order together
   evals              evaluators run during training, by name: 'zero_shot', 'agreement'
                      (with the teacher), 'retrieval'; 'name@STEPS' sets its own interval
   eval.every         steps between evaluations (0: none during training)
@@ -105,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = pipeline.default_data_config()
   c.data.update(dict(source="tfds", name="coco_captions", split="train", eval_split="val"))
+  c.data.seed = ml_collections.config_dict.placeholder(int)  # None: config.seed (resolve())
 
   # The evaluators the trainer runs (eval/evaluators.py: 'zero_shot', 'agreement',
   # 'retrieval'), each every eval.every steps or 'name@STEPS'; built before step 1.
@@ -117,10 +120,14 @@ def base_config() -> ml_collections.ConfigDict:
       templates=ml_collections.config_dict.placeholder(object), max_examples=10_000,
       batch_size=256, retrieval=False, stats_repeats=5))
 
-  # experiment mode: teacher_steps > 0 first trains a teacher of shape teacher_arch on the
-  # data (the offline demo); 0 uses teacher.source as it is.
-  c.experiment = ml_collections.ConfigDict(dict(teacher_steps=0, teacher_lr=1e-3,
-                                                teacher_arch=ml_collections.ConfigDict()))
+  # experiment mode: teacher_steps > 0 first trains a teacher of shape teacher_arch (the
+  # fields of student.custom; default ViT-B/32's widths) on the data (the offline demo);
+  # 0 uses teacher.source as it is.
+  c.experiment = ml_collections.ConfigDict(dict(
+      teacher_steps=0, teacher_lr=1e-3,
+      teacher_arch=dict(projection_dim=512, text_hidden_size=512, text_intermediate_size=2048,
+                        text_layers=12, text_heads=8, vision_hidden_size=768,
+                        vision_intermediate_size=3072, vision_layers=12, vision_heads=12)))
 
   # ablation mode (ablation.py): every recipe x steps x seed ('recipe@STEPS': that budget
   # only), plus the no-teacher student at every baseline_steps (empty: ablation.steps), one
@@ -132,4 +139,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1), axes=sharding.MESH_AXES,
       rules=tuple((name, axes) for name, axes in sharding.DEFAULT_RULES)))
+  # Locked: a config file or flag that sets a field this function does not define (a typo)
+  # is refused with the closest valid name instead of being silently ignored.
+  c.lock()
   return c
+
+
+# String fields where None means "none of it"; the command line can only give strings, so
+# 'None', 'none' and '' mean None there (`--config.teacher.source=None`: no teacher).
+OPTIONAL_STRINGS = ("tokenizer", "teacher.source", "teacher.cache_dir", "student.file",
+                    "loss.recipe", "eval.templates", "data.name", "data.data_dir",
+                    "data.path", "data.eval_path")
+NONE_STRINGS = ("None", "none", "")
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Applies the command line's conventions in place, idempotently; returns `config`.
+
+  OPTIONAL_STRINGS given as 'None' / 'none' / '' become None; data.seed None becomes
+  config.seed (one seed sets init and data order unless data.seed is given).
+  """
+  for dotted in OPTIONAL_STRINGS:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    if isinstance(node.get(leaf), str) and node[leaf].strip() in NONE_STRINGS:
+      node[leaf] = None
+  if config.data.get("seed") is None:
+    config.data.seed = config.seed
+  return config

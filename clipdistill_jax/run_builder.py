@@ -21,6 +21,7 @@ import optax
 
 from clipdistill_jax import losses, optim, sharding
 from clipdistill_jax.data.compat import check_compatible
+from clipdistill_jax.errors import UserError
 from clipdistill_jax.models import hf, student
 from clipdistill_jax.models.clip import CLIPModel, CLIPOutput, dummy_inputs
 from clipdistill_jax.models.config import CLIPConfig, tiny_config
@@ -40,7 +41,7 @@ class Models:
   context_length: int = 77    # tokens both text towers take (the shorter one)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config that cannot run as written; the message says which fields to change."""
 
 

@@ -73,6 +73,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from clipdistill_jax.errors import UserError
+
 # 2: manifests say their kind ('steps' | 'views'); 1: step caches written before, still read.
 FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
@@ -88,7 +90,7 @@ VIEW_DATA_KEYS = ("source", "path", "image_key", "caption_key", "num_train_examp
                   "crop_min_scale", "flip", "num_views")
 
 
-class TeacherCacheError(ValueError):
+class TeacherCacheError(UserError, ValueError):
   """A cache that cannot serve this config (wrong data, batch, teacher, losses or length)."""
 
 
@@ -123,6 +125,8 @@ def check_cacheable(config: ml_collections.ConfigDict) -> None:
 def data_fingerprint(config: ml_collections.ConfigDict, process_count: int) -> dict[str, Any]:
   """Everything the training order depends on; a step cache is valid iff these match."""
   data = json.loads(json.dumps(config.data.to_dict(), sort_keys=True, default=str))
+  if data.get("seed") is None:  # unresolved: the data order follows config.seed
+    data["seed"] = int(config.seed)
   if data.get("num_views", 0) is None:
     del data["num_views"]  # caches written before the knob existed stay valid
   key = {"data": data, "tokenizer": config.tokenizer,
@@ -138,6 +142,8 @@ def views_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   cache serves a config iff these match (image size and context length are checked apart)."""
   data = config.data
   views_data = json.loads(json.dumps({k: data.get(k) for k in VIEW_DATA_KEYS}, default=str))
+  if "seed" in views_data and views_data["seed"] is None:  # follows config.seed
+    views_data["seed"] = int(config.seed)
   key = {"data": views_data, "tokenizer": config.tokenizer,
          "teacher_source": str(config.teacher.source),
          "teacher_dtype": config.teacher.dtype}
@@ -180,6 +186,8 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
   Raises TeacherCacheError for a config the cache cannot serve, or a directory holding a
   cache written with other settings.
   """
+  from clipdistill_jax import config_lib
+  config_lib.resolve(config)  # the data order the trainer will read (data.seed)
   if views is not None:
     given = config.data.num_views
     if given is not None and int(given) != int(views):
@@ -450,23 +458,30 @@ def _write_shard(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str,
 def main(argv: list[str]) -> None:
   from absl import flags
 
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments {argv[1:]}")
-  from clipdistill_jax import recipes
+  from clipdistill_jax import errors
 
-  f = flags.FLAGS
-  out = f.config.teacher.cache_dir or os.path.join(f.workdir, "teacher_cache")
+  if len(argv) > 1:
+    raise SystemExit(f"error: unexpected arguments {argv[1:]}")
+  with errors.boundary():  # user errors: `error:` lines, exit 1
+    _main(flags.FLAGS)
+
+
+def _main(f) -> None:
+  from clipdistill_jax import config_lib, recipes
+  from clipdistill_jax.config_validate import validate
+
+  config = config_lib.resolve(f.config)
+  out = config.teacher.cache_dir or os.path.join(f.workdir, "teacher_cache")
   try:
-    config = recipes.apply_recipe(f.config)  # the losses a recipe names decide what is cached
-  except ValueError as e:  # an unknown recipe name
-    raise SystemExit(f"error: {e}") from None
+    config = recipes.apply_recipe(config)  # the losses a recipe names decide what is cached
+  except ValueError:  # an unknown recipe: listed by validate with every other problem
+    validate(config)
+    raise
+  validate(config)
   views = f.views if f.views is not None else config.data.num_views
-  try:
-    write_teacher_cache(config, out, num_steps=f.num_steps, num_examples=f.num_examples,
-                        views=f.views, store_pooled=f.store_pooled,
-                        steps_per_shard=f.steps_per_shard)
-  except (FileNotFoundError, TeacherCacheError) as e:  # fixable by the user: no traceback
-    raise SystemExit(f"error: {e}") from None
+  write_teacher_cache(config, out, num_steps=f.num_steps, num_examples=f.num_examples,
+                      views=f.views, store_pooled=f.store_pooled,
+                      steps_per_shard=f.steps_per_shard)
   flags_ = f"--config.teacher.cache_dir={out}" + (
       f" --config.data.num_views={views}" if views is not None else "")
   print(f"teacher cache written to {out}; train with {flags_} (and the same config otherwise).")

@@ -17,15 +17,16 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from clipdistill_jax import checkpoints, sharding, teacher_cache_reader
+from clipdistill_jax import checkpoints, config_lib, sharding, teacher_cache_reader
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.tokenizer import load_tokenizer
+from clipdistill_jax.errors import UserError
 from clipdistill_jax.eval.evaluators import build_evaluators
 from clipdistill_jax.run_builder import build_models, build_run
 from clipdistill_jax.writers import JsonlWriter
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   pass
 
 
@@ -65,6 +66,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   The evaluators config.evals names (eval/evaluators.py) are built, their data opened,
   before step 1; they run at their steps and at the end, logged with the training metrics.
   """
+  config_lib.resolve(config)  # data.seed None -> config.seed; 'None' strings -> None
   maybe_initialize_distributed(config)
   workdir = str(workdir)
   Path(workdir).mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from clipdistill_jax import errors  # noqa: E402
 from clipdistill_jax.perf import benchmark, default_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -51,6 +52,11 @@ _FROM_JSON = flags.DEFINE_string("from_json", None, "Run nothing: re-derive and 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}.")
+  with errors.boundary():  # user errors: `error:` lines, exit 1
+    _main()
+
+
+def _main() -> None:
   if _FROM_JSON.value:
     with open(_FROM_JSON.value) as f:
       report = benchmark.rederive(json.load(f))

@@ -74,9 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   import clipdistill_jax  # noqa: F401  (sets USE_TF/USE_FLAX before transformers loads)
+  from clipdistill_jax import errors
   from clipdistill_jax.export.convert import TEACHER_CONFIG, convert_workdir, format_report
-  from clipdistill_jax.export.litert_export import LiteRTUnavailableError
-  from clipdistill_jax.export.torch_export import ExportVerificationError
 
   try:
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
@@ -91,10 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         run_benchmark=not args.no_benchmark,
         teacher_config=None if args.no_teacher else TEACHER_CONFIG, batch_sizes=batch_sizes,
         benchmark_threads=args.threads)
-  except (ExportVerificationError, LiteRTUnavailableError, FileNotFoundError,
-          FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except errors.USER_ERRORS as e:  # one `error:` line (CLIPDISTILL_TRACEBACK=1: traceback)
+    return errors.report(e)
   print(format_report(report))
   step = f"step {report['step']}" if report["step"] is not None else "the final model"
   print(f"{step} of {report['run']} exported to {args.out}")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -269,3 +270,40 @@ def test_module_entry_point_runs_without_torch_or_jax(student, images):
                           env=env, timeout=120)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "HEAVY []" in result.stdout
+
+
+def test_damaged_export_files_are_one_error_line(student, images, tmp_path, capsys):
+  """A truncated ONNX file (onnxruntime's InvalidProtobuf) and a manifest that is not JSON:
+  one `clipdistill: error:` line naming the file and the fix, exit 1, no traceback."""
+  _, _, out = student
+  image = _good_images(images)[0]
+  truncated = tmp_path / "truncated"
+  shutil.copytree(out, truncated)
+  onnx_file = truncated / rt.ONNX_DIR / rt.VISION_FILE
+  onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+  code, stdout, err = _run(capsys, "classify", "--model", truncated, "--labels", "a,b", image)
+  assert code == 1 and not stdout
+  assert err.count("\n") == 1 and err.startswith(f"clipdistill: error: {onnx_file} cannot be "
+                                                 "loaded by onnxruntime"), err
+  assert "re-run scripts/convert_to_pytorch.py" in err
+
+  bad_manifest = tmp_path / "bad_manifest"
+  shutil.copytree(out, bad_manifest)
+  manifest = bad_manifest / rt.ONNX_DIR / rt.MANIFEST
+  manifest.write_text(manifest.read_text()[:40])
+  code, stdout, err = _run(capsys, "classify", "--model", bad_manifest, "--labels", "a,b", image)
+  assert code == 1 and not stdout
+  assert err.count("\n") == 1 and err.startswith(f"clipdistill: error: {manifest} is not "
+                                                 "valid JSON"), err
+
+
+def test_traceback_switch_shows_the_user_errors_traceback(student, images, tmp_path, capsys,
+                                                          monkeypatch):
+  _, _, out = student
+  bad_manifest = tmp_path / "bad_manifest"
+  shutil.copytree(out, bad_manifest)
+  (bad_manifest / rt.ONNX_DIR / rt.MANIFEST).write_text("{")
+  monkeypatch.setenv("CLIPDISTILL_TRACEBACK", "1")
+  with pytest.raises(rt.DamagedModelError):
+    cli.main(["classify", "--model", str(bad_manifest), "--labels", "a,b",
+              str(_good_images(images)[0])])

@@ -570,6 +570,7 @@ def test_the_demo_config_reads_a_manifest(local_data, tokenizer):
   config = module.get_config()
   config.data.source = "manifest"
   config.data.path = str(root / "good.jsonl")
+  config_lib.resolve(config)  # data.seed None -> config.seed, as every entry point does
   batch = next(train_iter(config.data, tokenizer))
   assert batch["image"].shape == (4, SIZE, SIZE, 3)
 

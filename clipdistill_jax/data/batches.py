@@ -8,11 +8,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from clipdistill_jax.errors import UserError
+
 # Label id of examples that have none (caption-only datasets).
 NO_LABEL = -1
 
 
-class TooManyCorruptImagesError(RuntimeError):
+class TooManyCorruptImagesError(UserError, RuntimeError):
   """So many images failed to decode that the data (or data.image_key) must be wrong."""
 
 

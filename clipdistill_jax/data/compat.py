@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from clipdistill_jax.data import preprocess
+from clipdistill_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,7 @@ class SharedInputs:
   vocab_size: int
 
 
-class IncompatibleInputsError(ValueError):
+class IncompatibleInputsError(UserError, ValueError):
   """Teacher and student would need different batches."""
 
 

@@ -172,6 +172,12 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
   return cfg
 
 
+def _check_seed(cfg) -> None:
+  if cfg.seed is None:  # a full config's data.seed None means config.seed: resolve it first
+    raise ValueError("data.seed is None: clipdistill_jax.config_lib.resolve(config) sets it "
+                     "to config.seed before the data is read.")
+
+
 def _limits(cfg) -> CorruptLimits:
   return CorruptLimits(cfg.max_corrupt_fraction, cfg.corrupt_check_after,
                        cfg.max_consecutive_corrupt)
@@ -308,6 +314,7 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
   default to jax's.
   """
   cfg = resolve_data_config(data_config)
+  _check_seed(cfg)
   check_views(cfg)
   process_index, process_count = _processes(process_index, process_count)
   if global_batch_size < process_count or global_batch_size % process_count:
@@ -406,6 +413,7 @@ def make_views_iterator(data_config, *, global_batch_size: int, image_size: int,
   are counted once, and every host reads (not decodes) all records from start_example.
   """
   cfg = resolve_data_config(data_config)
+  _check_seed(cfg)
   process_index, process_count = _processes(process_index, process_count)
   if cfg.num_views is None:
     raise ValueError("make_views_iterator needs data.num_views.")
@@ -456,7 +464,10 @@ def make_eval_dataset(data_config, *, batch_size: int, image_size: int, context_
                 templates=cfg.templates, pad_remainder=pad_remainder, limits=_limits(cfg))
 
   if cfg.source == "synthetic":
-    synthetic = SyntheticCaptions(image_size, cfg.seed, "test")
+    # Evaluation neither shuffles nor augments; the synthetic test split only needs a fixed
+    # seed (data.seed None = config.seed, unknown here: its own default).
+    synthetic = SyntheticCaptions(image_size, _DEFAULTS["seed"] if cfg.seed is None
+                                  else cfg.seed, "test")
     total = int(cfg.num_eval_examples)
     first = total * process_index // process_count
     stop = total * (process_index + 1) // process_count
@@ -503,7 +514,7 @@ def make_eval_dataset(data_config, *, batch_size: int, image_size: int, context_
     class_names = source.class_names
     where = f"tfds {cfg.name} {split}"
 
-  settings = tf_pipeline.DecodeSettings(image_size=image_size, seed=cfg.seed, train=False,
+  settings = tf_pipeline.DecodeSettings(image_size=image_size, seed=cfg.seed or 0, train=False,
                                         max_image_pixels=cfg.max_image_pixels, **hosts)
   chunks = tf_pipeline.eval_chunks(records, settings, chunk_size=batch_size,
                                    num_parallel_calls=cfg.num_parallel_calls,

@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from clipdistill_jax import errors
 from clipdistill_jax.data.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+from clipdistill_jax.errors import UserError
 from clipdistill_jax.export.onnx_runtime import ModelNotFoundError, OnnxCLIP
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -40,7 +42,7 @@ DEFAULT_NEUTRAL = "a harmless everyday photo"
 INDEX_FORMAT = 1
 
 
-class CLIError(Exception):
+class CLIError(UserError):
   """A problem the user can fix; printed as one line, exit status 1."""
 
 
@@ -427,9 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   try:
     result = args.run(args)
-  except CLIError as e:
-    print(f"clipdistill: error: {e}", file=sys.stderr)
-    return 1
+  except errors.USER_ERRORS as e:  # one line, no traceback (CLIPDISTILL_TRACEBACK=1: one)
+    return errors.report(e, "clipdistill")
   if args.json:
     print(json.dumps(result, indent=2))
   return 0

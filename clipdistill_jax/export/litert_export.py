@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from clipdistill_jax.data.tokenizer import Tokenizer
+from clipdistill_jax.errors import UserError
 from clipdistill_jax.export import litert_runtime as lrt
 from clipdistill_jax.export import onnx_runtime as rt
 from clipdistill_jax.export.samples import CaptionedImages, ZeroShotSet
@@ -59,7 +60,7 @@ QUANTIZATIONS = ("fp32", "int8", "int8_full")
 CALIBRATION_SAMPLES = 64
 
 
-class LiteRTUnavailableError(RuntimeError):
+class LiteRTUnavailableError(UserError, RuntimeError):
   """TensorFlow (the converter) is not installed."""
 
 

@@ -33,6 +33,7 @@ from clipdistill_jax.data.preprocess import (
     ImageTooLargeError,
     decode_and_preprocess,
 )
+from clipdistill_jax.errors import UserError
 
 ONNX_DIR = "onnx"
 MANIFEST = "clipdistill_onnx.json"
@@ -45,6 +46,10 @@ _ORT_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 class ModelNotFoundError(FileNotFoundError):
   """The --model path is not an ONNX export (or lacks the requested variant)."""
+
+
+class DamagedModelError(UserError, ValueError):
+  """A file of the export cannot be read (truncated, overwritten): convert again."""
 
 
 def find_onnx_dir(model: str | os.PathLike) -> Path:
@@ -65,8 +70,13 @@ def find_onnx_dir(model: str | os.PathLike) -> Path:
 
 def read_manifest(onnx_dir: str | os.PathLike, name: str = MANIFEST) -> dict[str, Any]:
   """The export's JSON manifest (`name` in `onnx_dir`; the LiteRT runtime passes its own)."""
-  with open(Path(onnx_dir) / name, encoding="utf-8") as f:
-    return json.load(f)
+  path = Path(onnx_dir) / name
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DamagedModelError(f"{path} is not valid JSON ({e}); the export is damaged: re-run "
+                            "scripts/convert_to_pytorch.py with the same flags.") from e
 
 
 def write_manifest(onnx_dir: str | os.PathLike, manifest: dict[str, Any],
@@ -83,7 +93,13 @@ def session(path: str | os.PathLike, threads: int | None = None):
   options.log_severity_level = 3
   if threads:
     options.intra_op_num_threads = threads
-  return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+  try:
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+  except Exception as e:  # onnxruntime's InvalidProtobuf, Fail, ...: the file, not the code
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise DamagedModelError(f"{path} cannot be loaded by onnxruntime ({type(e).__name__}: "
+                            f"{reason}); the file is damaged or incomplete: re-run "
+                            "scripts/convert_to_pytorch.py with the same flags.") from e
 
 
 def run_vision(vision_session, pixel_values_nhwc: np.ndarray) -> np.ndarray:

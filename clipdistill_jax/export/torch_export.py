@@ -20,6 +20,7 @@ import numpy as np
 
 from clipdistill_jax.data import preprocess
 from clipdistill_jax.data.tokenizer import Tokenizer, load_tokenizer
+from clipdistill_jax.errors import UserError
 from clipdistill_jax.export.samples import CaptionedImages, reference_photos, to_pil
 from clipdistill_jax.models import hf
 from clipdistill_jax.models.config import CLIPConfig
@@ -29,7 +30,7 @@ from clipdistill_jax.models.config import CLIPConfig
 EMBEDDING_TOLERANCE = 1e-4
 
 
-class ExportVerificationError(RuntimeError):
+class ExportVerificationError(UserError, RuntimeError):
   """An exported model disagrees with the model it was exported from."""
 
 

@@ -16,9 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from clipdistill_jax.errors import UserError
 from clipdistill_jax.models.config import CLIPConfig
 
 Params = dict[str, Any]
+
+
+class CheckpointError(UserError, ValueError):
+  """An HF checkpoint that cannot be read as a CLIP: damaged, incomplete or mismatched."""
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -72,13 +77,13 @@ def hf_state_dict_to_flax(state: dict[str, np.ndarray], config: CLIPConfig) -> P
       continue
     value = to_flax(np.asarray(state[key]))
     if value.shape != tuple(spec.shape):
-      raise ValueError(f"{key}: checkpoint shape {value.shape} does not match the config's "
+      raise CheckpointError(f"{key}: checkpoint shape {value.shape} does not match the config's "
                        f"{tuple(spec.shape)}; is config.json the one saved with these weights?")
     _set(params, path, value)
     used.add(key)
   unexpected = [k for k in state if k not in used and not _IGNORED_HF_KEYS.match(k)]
   if missing or unexpected:
-    raise ValueError(f"checkpoint does not match a CLIPModel with this config: missing "
+    raise CheckpointError(f"checkpoint does not match a CLIPModel with this config: missing "
                      f"{missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected "
                      f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
   return params
@@ -95,19 +100,19 @@ def load_pretrained(name_or_path: str | os.PathLike, *, allow_pickle: bool = Fal
   arbitrary code). Returns (config, params) with params as numpy arrays of `dtype`.
   """
   directory = _resolve_directory(str(name_or_path))
-  config = CLIPConfig.from_json_file(directory / CONFIG)
+  config = _read_config(directory / CONFIG)
   tried = []
   if (directory / SAFETENSORS).exists():
     state = _read_safetensors([directory / SAFETENSORS])
   elif (directory / SAFETENSORS_INDEX).exists():
-    index = json.loads((directory / SAFETENSORS_INDEX).read_text())
+    index = _read_json(directory / SAFETENSORS_INDEX)
     shards = sorted(set(index["weight_map"].values()))
     state = _read_safetensors([directory / s for s in shards])
   elif (directory / FLAX_MSGPACK).exists():
     return config, _cast(_read_flax_msgpack(directory / FLAX_MSGPACK), dtype)
   elif (directory / PYTORCH_BIN).exists():
     if not allow_pickle:
-      raise ValueError(
+      raise CheckpointError(
           f"{directory} only has {PYTORCH_BIN}, a pickle: loading it runs code from the file. "
           "Pass allow_pickle=True if you trust it, or convert it once to safetensors "
           "(transformers: CLIPModel.from_pretrained(dir).save_pretrained(dir)).")
@@ -117,7 +122,30 @@ def load_pretrained(name_or_path: str | os.PathLike, *, allow_pickle: bool = Fal
   else:
     tried = [SAFETENSORS, SAFETENSORS_INDEX, FLAX_MSGPACK, PYTORCH_BIN]
     raise FileNotFoundError(f"no CLIP weights in {directory}: looked for {', '.join(tried)}.")
-  return config, _cast(hf_state_dict_to_flax(state, config), dtype)
+  try:
+    params = hf_state_dict_to_flax(state, config)
+  except CheckpointError as e:  # name the checkpoint: the user may have several
+    raise CheckpointError(f"{directory}: {e}") from e
+  return config, _cast(params, dtype)
+
+
+def _read_json(path: Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged: "
+                          "copy or download it again.") from e
+
+
+def _read_config(path: Path) -> CLIPConfig:
+  """config.json as a CLIPConfig; CheckpointError naming the file when it is not one."""
+  data = _read_json(path)
+  try:
+    return CLIPConfig.from_dict(data)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{path} is not a CLIP config.json ({type(e).__name__}: {e}); point "
+                          "at a directory written by transformers' CLIPModel.save_pretrained."
+                          ) from e
 
 
 def _resolve_directory(name_or_path: str) -> Path:
@@ -154,7 +182,8 @@ def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
         from safetensors.torch import load_file as load_torch
         state.update({k: v.float().numpy() for k, v in load_torch(str(f)).items()})
       else:
-        raise ValueError(f"could not read {f}: {e}. Is the download complete?") from e
+        raise CheckpointError(f"could not read {f}: {e}. The file is damaged or incomplete: "
+                              "copy or download it again.") from e
   return state
 
 
