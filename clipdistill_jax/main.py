@@ -66,10 +66,20 @@ def check_overrides(argv: list[str]) -> None:
 
 
 class _QuietCheckpointLogs(pylogging.Filter):
-  """Orbax logs a dozen INFO lines per checkpoint; keep its warnings, drop the chatter."""
+  """Orbax logs a dozen INFO lines per checkpoint; keep its warnings, drop the chatter.
+
+  A failed save makes orbax log the same error with a traceback from several threads; the
+  trainer reports it once, with what to do (checkpoints.check_saves), so orbax's records
+  keep one line each and no traceback.
+  """
 
   def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    if record.levelno < pylogging.WARNING:
+      return False
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
 
 
 def main(argv: list[str]) -> None:
@@ -78,7 +88,7 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   config, workdir = _CONFIG.value, _WORKDIR.value
   logging.info("Config:\n%s", config)
-  from clipdistill_jax import ablation, experiment, recipes, teacher_cache, train
+  from clipdistill_jax import ablation, checkpoints, experiment, recipes, teacher_cache, train
   from clipdistill_jax.data.batches import TooManyCorruptImagesError
   from clipdistill_jax.data.compat import IncompatibleInputsError
 
@@ -99,7 +109,8 @@ def main(argv: list[str]) -> None:
     else:
       train.train(config, workdir, eval_fn=experiment.make_eval_fn(config))
   except (FileNotFoundError, IncompatibleInputsError, TooManyCorruptImagesError,
-          train.NonFiniteLossError, train.ConfigError, teacher_cache.TeacherCacheError) as e:
+          train.NonFiniteLossError, train.ConfigError, teacher_cache.TeacherCacheError,
+          checkpoints.CheckpointError) as e:
     # Problems the user can fix: say what and how, without a traceback.
     raise SystemExit(f"error: {e}") from None
 

@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   import clipdistill_jax  # noqa: F401  (sets USE_TF/USE_FLAX before transformers loads)
+  from clipdistill_jax.checkpoints import CheckpointError
   from clipdistill_jax.export.convert import TEACHER_CONFIG, convert_workdir, format_report
   from clipdistill_jax.export.litert_export import LiteRTUnavailableError
   from clipdistill_jax.export.torch_export import ExportVerificationError
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher_config=None if args.no_teacher else TEACHER_CONFIG, batch_sizes=batch_sizes,
         benchmark_threads=args.threads)
   except (ExportVerificationError, LiteRTUnavailableError, FileNotFoundError,
-          FileExistsError) as e:
+          FileExistsError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(format_report(report))
