@@ -148,11 +148,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
   if non_finite:
     shown = ", ".join(non_finite[:3]) + (f" and {len(non_finite) - 3} more"
                                          if len(non_finite) > 3 else "")
+    latest = _latest_on_disk(manager)
+    kept = (f"the latest checkpoint is step {latest} in {manager.directory}" if latest is not None
+            else f"no checkpoint was saved before it in {manager.directory}")
     raise NonFiniteStateError(
         f"the train state holds NaN/inf at step {step} ({shown}), though the loss was finite. "
-        f"Nothing of this step was saved; the latest checkpoint is step "
-        f"{_latest_on_disk(manager)} in {manager.directory}. Lower optim.lr or set "
-        "optim.grad_clip_norm, then rerun the same command to resume from it.")
+        f"Nothing of this step was saved; {kept}. Lower optim.lr or set optim.grad_clip_norm, "
+        "then rerun the same command to resume from it.")
   try:
     return manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),

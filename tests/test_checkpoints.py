@@ -1,0 +1,213 @@
+"""Checkpoints that survive: fingerprints checked at restore, the newest intact checkpoint
+used when the latest is damaged (the damaged one kept aside, never deleted or overwritten),
+a stop with one line when none is intact, no non-finite state ever saved.
+
+Damage is real: bytes flipped and files removed or truncated in checkpoints that a tiny
+training run (configs/tiny_train.py, 10 steps, a checkpoint every 5) wrote.
+"""
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_trainer import load_tiny_config, max_abs_diff
+
+from clipdistill_jax import checkpoints, optim, sharding, train
+
+STEPS, EVERY = 10, 5
+
+
+def tiny_config():
+  config = load_tiny_config()
+  config.eval.every = 0
+  config.train.update(dict(total_steps=STEPS, log_every=1, checkpoint_every=EVERY,
+                           keep_checkpoints=5))
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A finished run with checkpoints 5 and 10: (workdir, student params of step 10)."""
+  workdir = tmp_path_factory.mktemp("ckpt") / "run"
+  train.train(tiny_config(), workdir)
+  _, params, step = checkpoints.load_student(workdir)
+  assert step == STEPS
+  return workdir, params
+
+
+@pytest.fixture(scope="module")
+def abstract_state():
+  """The run's train state as shapes and shardings: what the trainer restores into."""
+  config = tiny_config()
+  models = train.build_models(config)
+  loss = train.make_loss(config, models)
+  tx, _ = optim.make_optimizer(config.optim, config.train.total_steps)
+  mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+  state, shardings = train.init_state(config, models, loss, tx, mesh, jax.random.key(0))
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def copy_run(trained, tmp_path) -> Path:
+  workdir = tmp_path / "run"
+  shutil.copytree(trained[0], workdir)
+  return workdir
+
+
+def data_files(step_dir: Path) -> list[Path]:
+  """The checkpoint's array data files (OCDBT), largest first."""
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def flip_bytes(path: Path, count: int = 64) -> None:
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  for i in range(middle, middle + count):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def remove(path: Path) -> None:
+  shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+DAMAGE = {
+    "64 bytes flipped in an array file": lambda d: flip_bytes(data_files(d)[0]),
+    "an array file truncated": lambda d: truncate(data_files(d)[0]),
+    "an array file deleted": lambda d: remove(data_files(d)[0]),
+    "_METADATA deleted": lambda d: remove(d / "state" / "_METADATA"),
+    "manifest.ocdbt deleted": lambda d: remove(d / "state" / "manifest.ocdbt"),
+    "state/ deleted": lambda d: remove(d / "state"),
+    "meta truncated": lambda d: truncate(d / "meta" / "metadata"),
+}
+
+
+EXPORT_READS_AROUND = {"_METADATA deleted"}
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_fingerprint_ignores_sharding_and_sees_one_changed_element():
+  x = jnp.arange(64 * 48, dtype=jnp.float32).reshape(64, 48) / 7
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
+  for spec in (("a", "b"), ("b", None), (None, "a")):
+    placed = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+    assert int(checkpoints.fingerprint(placed)) == int(checkpoints.fingerprint(x))
+  one_ulp = x.at[17, 3].set(jnp.nextafter(x[17, 3], jnp.inf))  # the lowest bit of one element
+  assert int(checkpoints.fingerprint(one_ulp)) != int(checkpoints.fingerprint(x))
+  # Same values in another order, or another dtype of the same bits, differ too.
+  assert int(checkpoints.fingerprint(x.T)) != int(checkpoints.fingerprint(x))
+  assert int(checkpoints.fingerprint(x.astype(jnp.bfloat16))) != int(
+      checkpoints.fingerprint(x.astype(jnp.float16)))
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+  manager = checkpoints.make_manager(tmp_path, save_every=1, keep=2, async_save=False)
+  state = {"step": jnp.int32(3), "params": {"w": jnp.ones((4, 4))},
+           "opt_state": {"mu": jnp.ones((4, 4)).at[1, 2].set(jnp.inf)}}
+  with pytest.raises(checkpoints.NonFiniteStateError) as error:
+    checkpoints.save(manager, 3, state, {"step": 3})
+  message = str(error.value)
+  print(message)
+  assert "['opt_state']['mu']" in message and "Nothing of this step was saved" in message
+  assert "no checkpoint was saved before it" in message
+  assert "\n" not in message
+  manager.reload()
+  assert manager.all_steps() == []
+  state["opt_state"]["mu"] = jnp.ones((4, 4))
+  assert checkpoints.save(manager, 3, state, {"step": 3})
+  manager.close()
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_latest_checkpoint_falls_back_and_is_kept(trained, abstract_state, tmp_path,
+                                                         damage):
+  workdir = copy_run(trained, tmp_path)
+  latest = workdir / "checkpoints" / str(STEPS)
+  DAMAGE[damage](latest)
+  damaged = tree_digest(latest)
+
+  if damage in EXPORT_READS_AROUND:
+    # Export reads the student's arrays by name, without _METADATA: they are intact, and
+    # their fingerprints say so.
+    _, params, step = checkpoints.load_student(workdir)
+    assert step == STEPS and max_abs_diff(params, trained[1]) == 0.0
+    return
+  # Export names the path and the reason in one line, and the step to use instead.
+  with pytest.raises(checkpoints.DamagedCheckpointError) as error:
+    checkpoints.load_student(workdir)
+  print(f"{damage}: {error.value}")
+  assert str(latest) in str(error.value) and "\n" not in str(error.value)
+  assert f"Export another one with --step (this run also has steps [{EVERY}, 1])" in str(
+      error.value)  # orbax also keeps the first step's
+  if damage.startswith("64 bytes"):  # read without complaint: only the fingerprint sees it
+    assert "does not match its fingerprints" in str(error.value)
+
+  manager = checkpoints.make_manager(workdir, save_every=EVERY, keep=5)
+  state, meta = checkpoints.restore_latest(manager, abstract_state)
+  assert meta["step"] == EVERY and int(state["step"]) == EVERY
+  # The damaged checkpoint is kept, byte for byte, out of orbax's way: its step number is
+  # free for the resumed run, and keep_checkpoints never deletes it.
+  kept = workdir / checkpoints.DAMAGED_DIR / str(STEPS)
+  assert not latest.exists() and tree_digest(kept) == damaged
+  assert sorted(manager.all_steps()) == [1, EVERY]
+  manager.close()
+
+
+def test_no_intact_checkpoint_stops_and_moves_nothing(trained, abstract_state, tmp_path):
+  workdir = copy_run(trained, tmp_path)
+  for step in (1, EVERY, STEPS):
+    flip_bytes(data_files(workdir / "checkpoints" / str(step))[0])
+  before = tree_digest(workdir / "checkpoints")
+  manager = checkpoints.make_manager(workdir, save_every=EVERY, keep=5)
+  with pytest.raises(checkpoints.DamagedCheckpointError) as error:
+    checkpoints.restore_latest(manager, abstract_state)
+  message = str(error.value)
+  print(message)
+  assert message.startswith(f"no intact checkpoint in {workdir / 'checkpoints'}")
+  assert all(f"{workdir / 'checkpoints' / str(s)} " in message for s in (1, EVERY, STEPS))
+  assert tree_digest(workdir / "checkpoints") == before
+  assert not (workdir / checkpoints.DAMAGED_DIR).exists()
+  manager.close()
+
+
+def test_run_resumes_from_the_newest_intact_checkpoint(trained, tmp_path):
+  workdir = copy_run(trained, tmp_path)
+  latest = workdir / "checkpoints" / str(STEPS)
+  flip_bytes(data_files(latest)[0])
+  damaged = tree_digest(latest)
+  # Same command: resumes from step 5, retrains 6..10 and saves step 10 anew, equal to the
+  # uninterrupted run's (the damaged one moved aside, not overwritten).
+  train.train(tiny_config(), workdir)
+  _, params, step = checkpoints.load_student(workdir)
+  assert step == STEPS and max_abs_diff(params, trained[1]) == 0.0
+  assert tree_digest(workdir / checkpoints.DAMAGED_DIR / str(STEPS)) == damaged
+
+
+def test_export_of_a_damaged_checkpoint_is_one_line(trained, tmp_path, capsys):
+  import importlib.util
+
+  workdir = copy_run(trained, tmp_path)
+  remove(workdir / "checkpoints" / str(STEPS) / "state" / "manifest.ocdbt")
+  spec = importlib.util.spec_from_file_location(
+      "convert_to_pytorch", Path(__file__).parents[1] / "scripts" / "convert_to_pytorch.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  assert script.main(["--workdir", str(workdir), "--out", str(tmp_path / "out"),
+                      "--no-benchmark"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  print(err)
+  assert err[-1].startswith(f"error: checkpoint {workdir / 'checkpoints' / str(STEPS)} ")
+  assert "--step" in err[-1] and not any("Traceback" in line for line in err)
