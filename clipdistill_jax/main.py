@@ -74,6 +74,8 @@ class _QuietCheckpointLogs(pylogging.Filter):
   """
 
   def filter(self, record: pylogging.LogRecord) -> bool:
+    if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
+      return False  # orbax's abandoned write futures, garbage-collected after the error
     if "/orbax/" not in record.pathname:
       return True
     if record.levelno < pylogging.WARNING:

@@ -7,7 +7,9 @@ training run (configs/tiny_train.py, 10 steps, a checkpoint every 5) wrote.
 """
 
 import hashlib
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import jax
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_trainer import load_tiny_config, max_abs_diff
+from trainer_procs import TOTAL_STEPS, run_main, tail
 
 from clipdistill_jax import checkpoints, optim, sharding, train
 
@@ -211,3 +214,96 @@ def test_export_of_a_damaged_checkpoint_is_one_line(trained, tmp_path, capsys):
   print(err)
   assert err[-1].startswith(f"error: checkpoint {workdir / 'checkpoints' / str(STEPS)} ")
   assert "--step" in err[-1] and not any("Traceback" in line for line in err)
+
+
+# --- a full disk ---------------------------------------------------------------------------
+
+# keep_checkpoints=10: every checkpoint (~7 MiB of the tiny run's params and Adam moments)
+# stays, so a 20 MiB disk fills up at the third one (steps 1, 5, then 10).
+KEEP_ALL = "--config.train.keep_checkpoints=10"
+SAVE_ERROR = re.compile(r"^error: saving checkpoint (\d+) to (\S+) failed: (.+)\. The last "
+                        r"intact checkpoint is step (\d+) \((\S+)\); .* rerun the same "
+                        r"command to resume from step (\d+)\.$")
+
+# Checkpoints fill the disk from step 10 on: with RLIMIT_FSIZE, after checkpoint 5 is
+# finished, no file may grow past 1 MiB (the array files of a checkpoint are ~3 MiB), so
+# the background write of checkpoint 10 fails with EFBIG, as a full disk fails with ENOSPC.
+# Works without root or a tmpfs.
+FILE_SIZE_LIMITED_MAIN = """
+import resource, signal
+from clipdistill_jax import checkpoints, main
+save = checkpoints.save
+def save_then_limit(manager, step, *args, **kwargs):
+  saved = save(manager, step, *args, **kwargs)
+  if step == 5:
+    manager.wait_until_finished()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+  return saved
+checkpoints.save = save_then_limit
+main.run()
+"""
+
+
+def last_step(workdir) -> int:
+  from clipdistill_jax.writers import read_jsonl
+  return max(r["step"] for r in read_jsonl(workdir / "metrics.jsonl"))
+
+
+def check_failed_save(code, log, workdir, errno_text):
+  """One 'error:' line naming the failed save, the cause, the intact checkpoint and what
+  to do; no traceback; stopped before the next save; older checkpoints intact."""
+  assert code == 1, tail(log)
+  errors = [line for line in log.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, tail(log, 80)
+  message = errors[0]
+  tracebacks = log.count("Traceback")
+  print(f"{len(log.splitlines())} lines of output, {tracebacks} tracebacks; {message}")
+  # tensorstore may still print a callback's "Event loop is closed" for orbax's finished
+  # event loop (not through logging); nothing else.
+  assert tracebacks == log.count("RuntimeError: Event loop is closed"), tail(log, 80)
+  match = SAVE_ERROR.match(message)
+  assert match, message
+  failed, intact = int(match.group(1)), int(match.group(4))
+  assert match.group(2) == str(workdir / "checkpoints") and errno_text in match.group(3)
+  assert intact == failed - 5 and int(match.group(6)) == intact
+  assert last_step(workdir) < failed + 5  # noticed before the next save was due
+  _, _, step = checkpoints.load_student(workdir, step=intact)  # verified by fingerprints
+  assert step == intact
+  return failed, intact
+
+
+def test_failed_background_save_stops_the_run_in_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  code, log = run_main(workdir, KEEP_ALL, log=tmp_path / "run.log",
+                       python_code=FILE_SIZE_LIMITED_MAIN)
+  failed, _ = check_failed_save(code, log, workdir, "[Errno 27] File too large")
+  assert failed == 10
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+  if result.returncode:
+    pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'}); the "
+                "file-size-limited variant covers the same path")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_full_disk_stops_in_one_line_and_resumes_once_there_is_room(small_tmpfs, tmp_path):
+  workdir = small_tmpfs / "run"
+  code, log = run_main(workdir, KEEP_ALL, log=tmp_path / "full.log")
+  failed, intact = check_failed_save(code, log, workdir, "[Errno 28] No space left on device")
+  # Room again (as after deleting files or moving to a larger disk): the same command
+  # resumes from the last intact checkpoint and finishes.
+  subprocess.run(["mount", "-o", "remount,size=80m", str(small_tmpfs)], check=True)
+  code, log = run_main(workdir, KEEP_ALL, log=tmp_path / "resumed.log")
+  assert code == 0, tail(log)
+  assert f"at step {intact}." in log
+  assert checkpoints.load_student(workdir)[2] == TOTAL_STEPS
