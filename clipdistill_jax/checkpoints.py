@@ -143,7 +143,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
   """
   if not (force or manager.should_save(step)):
     return False
-  check_saves(manager)  # a failed earlier save is reported as that step's, not this one's
+  # orbax waits for the previous save before starting this one anyway; waiting here reports
+  # its failure as that step's, not this one's.
+  check_saves(manager)
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointSaveError(save_failure_message(manager, e)) from e
   prints, non_finite = audit(state)
   if non_finite:
     shown = ", ".join(non_finite[:3]) + (f" and {len(non_finite) - 3} more"

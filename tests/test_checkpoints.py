@@ -267,7 +267,11 @@ def check_failed_save(code, log, workdir, errno_text):
   failed, intact = int(match.group(1)), int(match.group(4))
   assert match.group(2) == str(workdir / "checkpoints") and errno_text in match.group(3)
   assert intact == failed - 5 and int(match.group(6)) == intact
-  assert last_step(workdir) < failed + 5  # noticed before the next save was due
+  # Noticed as soon as orbax's commit thread gave up, at the latest when the next save was
+  # due: no step after it was trained, and no later save was started.
+  assert last_step(workdir) <= failed + 5
+  assert not [p for p in (workdir / "checkpoints").iterdir()
+              if p.name.split(".")[0].isdigit() and int(p.name.split(".")[0]) > failed]
   _, _, step = checkpoints.load_student(workdir, step=intact)  # verified by fingerprints
   assert step == intact
   return failed, intact
