@@ -254,12 +254,16 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
 
   first_missing = next((s for s in range(0, num_steps, steps_per_shard)
                         if not (out / shard_name(s, host)).exists()), num_steps)
+  reader_state = None
   if first_missing:
     log(f"resuming the teacher cache at step {first_missing} of {num_steps}")
+    # Where the reader stood after the last shard written: exact after skipped images.
+    reader_state = _shard_reader_state(out / shard_name(first_missing - steps_per_shard, host))
   batches = pipeline.make_train_iterator(
       config.data, global_batch_size=batch_size, image_size=teacher.image_size,
       context_length=models.context_length, tokenizer=load_tokenizer(config.tokenizer),
-      process_index=host, process_count=hosts, start_step=first_missing)
+      process_index=host, process_count=hosts, start_step=first_missing,
+      reader_state=reader_state)
   started = time.perf_counter()
   with jax.set_mesh(mesh):
     for first in range(first_missing, num_steps, steps_per_shard):
@@ -274,7 +278,8 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
           rows[k].append(np.asarray(local[k]))
         rows["input_fingerprint"].append(input_fingerprints(host_batch["input_ids"]))
       _write_shard(out / shard_name(first, host), {k: np.concatenate(v) for k, v in
-                                                    rows.items()}, {"first_step": first})
+                                                    rows.items()},
+                   {"first_step": first, **batches.state()})
       done = min(first + steps_per_shard, num_steps)
       log(f"teacher cache: {done}/{num_steps} steps "
           f"({(done - first_missing) * batch_size / (time.perf_counter() - started):.1f} "
@@ -442,6 +447,16 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
   os.replace(tmp, path)
+
+
+def _shard_reader_state(path: Path) -> dict[str, int] | None:
+  """The reader state stored with a step shard (None for shards written without one)."""
+  from safetensors import safe_open
+
+  with safe_open(str(path), "np") as f:
+    metadata = f.metadata() or {}
+  keys = ("position", "num_read", "num_skipped")
+  return {k: int(metadata[k]) for k in keys} if all(k in metadata for k in keys) else None
 
 
 def _write_shard(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, int]) -> None:

@@ -96,10 +96,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract_state = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
   restored = checkpoints.restore_latest(manager, abstract_state)
-  start_step = 0
+  start_step, reader_state = 0, None
   if restored is not None:
     state, meta = restored
     start_step = int(meta["step"])
+    reader_state = _host_reader_state(meta, start_step)
     logging.info("Resumed from %s at step %d.", manager.directory, start_step)
 
   meta = {"student_config": models.student_config.to_dict(),
@@ -111,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config.data, global_batch_size=tc.batch_size,
       image_size=models.student_config.vision_config.image_size,
       context_length=models.context_length, tokenizer=tokenizer, process_index=jax.process_index(),
-      process_count=jax.process_count(), start_step=start_step)
+      process_count=jax.process_count(), start_step=start_step, reader_state=reader_state)
   merge_cached = (None if cache is None else
                   cache.merger(start_step, process_index=jax.process_index()))
 
@@ -131,6 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch = sharding.shard_host_batch(pipeline.without_example_fields(host_batch), mesh)
       state, metrics = step_fn(state, batch, teacher_params)
       metrics = jax.device_get(metrics)
+      checkpoints.check_saves(manager)  # a background save that failed stops the run now
       _check_finite(metrics, step, manager)
       progress(step)
       if step % tc.log_every == 0 or step == tc.total_steps:
@@ -143,15 +145,41 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         timer = time.perf_counter()
       if evaluators.due(step):
         writer.write_scalars(step, evaluators(step, state["params"]["student"]))
-      checkpoints.save(manager, step, state, {**meta, "step": step, "input_position": step},
-                       force=step == tc.total_steps)
+      if step == tc.total_steps or manager.should_save(step):
+        checkpoints.save(manager, step, state, {**meta, "step": step,
+                                                "reader": _reader_states(batches)},
+                         force=True)
       last_metrics = metrics
-  manager.wait_until_finished()
-  manager.close()
+  checkpoints.finish(manager)
   writer.flush()
   return {"step": int(state["step"]), "metrics": {k: float(v) for k, v in
                                                   last_metrics.items()}, "models": models,
           "student_params": state["params"]["student"]}
+
+
+def _reader_states(batches) -> dict:
+  """Every host's reader state ({position, num_read, num_skipped}) for the checkpoint's
+  meta, which host 0 writes: gathered from all hosts (a collective; save steps only)."""
+  mine = batches.state()
+  keys = sorted(mine)
+  if jax.process_count() == 1:
+    return {"process_count": 1, "hosts": [mine]}
+  from jax.experimental import multihost_utils
+  rows = multihost_utils.process_allgather(np.asarray([mine[k] for k in keys], np.int64))
+  return {"process_count": jax.process_count(),
+          "hosts": [dict(zip(keys, (int(v) for v in row), strict=True)) for row in rows]}
+
+
+def _host_reader_state(meta: dict, step: int) -> dict | None:
+  """This host's reader state from a checkpoint's meta; None (resume at step x batch, exact
+  only if no image was dropped) for checkpoints without one or from another host count."""
+  reader = meta.get("reader")
+  if reader and reader.get("process_count") == jax.process_count():
+    return reader["hosts"][jax.process_index()]
+  logging.warning("Checkpoint %d has no reader position for %d host(s): the data resumes at "
+                  "step x batch, which repeats as many records as were skipped before it.",
+                  step, jax.process_count())
+  return None
 
 
 def _check_finite(metrics: dict, step: int, manager) -> None:

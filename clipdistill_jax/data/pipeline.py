@@ -18,22 +18,27 @@ Order and resume. The order is a pure function of data.seed, the host and the st
     takes its contiguous b of them, so hosts partition the global batch exactly and a
     resume at start_step computes its batches directly.
   * manifest, folder: rows (folder: images) are dealt round-robin to hosts; each host reads
-    a seeded permutation of its rows per epoch, and start_step jumps to (epoch, offset)
+    a seeded permutation of its rows per epoch, and a resume jumps to (epoch, offset)
     without reading anything.
-  * tfrecord, webdataset, tfds: files (tfds: even splits) per host, seeded file order and shuffle
-    buffer; start_step skips the start_step * b records this host consumed. They are read
-    but not decoded: fast next to training, yet on a large dataset deep into a run it takes
-    a noticeable while at startup.
+  * tfrecord, webdataset, tfds: files (tfds: even splits) per host, seeded file order and
+    shuffle buffer; a resume skips the records this host consumed. They are read but not
+    decoded: fast next to training, yet on a large dataset deep into a run it takes a
+    noticeable while at startup.
+Every source numbers the records of a host's stream 0, 1, 2, ...; an iterator's `state()`
+({position, num_read, num_skipped}: the next record's number and the run's counts) is what
+a checkpoint stores per host, and `reader_state=` resumes there: the same batches as the
+uninterrupted stream even when unreadable records were dropped before the resume (each
+dropped record moves the position one further than step x batch), and counts that go on
+from the run's totals. Without a reader state, start_step resumes at record start_step * b,
+which is exact only when nothing was dropped before it.
 With data.num_train_examples = N only the first N examples are trained on, epoch after
 epoch (synthetic: a seeded permutation of stream examples 0..N-1 per epoch, computed
 directly, so resume is still exact; manifest: its first N rows; tfrecord: the first N
 records in sorted file order; tfds: split[:N]). The experiment's teacher stage ignores it:
 the teacher reads everything, the students the subset.
 Images that cannot be read or decoded are dropped and counted (`it.num_skipped`,
-`it.metrics()`); batches stay full. So a resumed tf.data stream equals the uninterrupted
-one exactly when no image was dropped before start_step; otherwise it starts as many records
-early as were dropped (knowing which skipped records were unreadable would mean decoding
-them). Augmentation is seeded by each record's position, so it resumes identically too.
+`it.metrics()`); batches stay full. Augmentation is seeded by each record's position, so it
+resumes identically too.
 
 Fixed augmented views (data.num_views = K; manifests, and TFRecords with
 data.num_train_examples): example i has K augmentations, view v's crop box and flip a pure
@@ -234,7 +239,7 @@ class SyntheticTrainIterator:
 
   def __init__(self, synthetic: SyntheticCaptions, *, global_batch_size: int,
                process_index: int, process_count: int, start_step: int, tokenizer,
-               context_length: int, num_examples: int | None = None):
+               context_length: int, num_examples: int | None = None, num_read: int = 0):
     self._synthetic = synthetic
     self._num_examples = num_examples
     self._epoch_order: tuple[int, np.ndarray] | None = None
@@ -245,7 +250,7 @@ class SyntheticTrainIterator:
     self._context_length = context_length
     self.step = start_step
     self.class_names = synthetic.class_names
-    self.num_read = 0
+    self.num_read = int(num_read)
     self.num_skipped = 0  # rendered images never fail
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -284,6 +289,11 @@ class SyntheticTrainIterator:
   def close(self) -> None:
     """Nothing to release (same interface as the tf.data iterators)."""
 
+  def state(self) -> dict[str, int]:
+    """{position, num_read, num_skipped}: as the tf.data iterators' (module docstring)."""
+    return {"position": self.step * self.local_batch_size, "num_read": self.num_read,
+            "num_skipped": 0}
+
   def metrics(self) -> dict[str, float]:
     return {"data/num_read": float(self.num_read), "data/num_skipped": 0.0,
             "data/skipped_fraction": 0.0}
@@ -305,13 +315,16 @@ def _synthetic_eval_chunks(synthetic: SyntheticCaptions, first: int, stop: int, 
 
 def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
                         context_length: int, tokenizer, process_index: int | None = None,
-                        process_count: int | None = None, start_step: int = 0):
-  """An endless iterator of this host's training batches, starting at `start_step`.
+                        process_count: int | None = None, start_step: int = 0,
+                        reader_state: Mapping[str, int] | None = None):
+  """An endless iterator of this host's training batches, starting at `start_step`, or
+  exactly where `reader_state` (this host's `state()` when the run was saved) says.
 
   Returns an iterator of dicts {image, input_ids, attention_mask} (+ example_id, view,
   augmentation with data.num_views; module docstring) with `num_read`, `num_skipped`
-  (unreadable images dropped on this host) and `metrics()`. process_index / process_count
-  default to jax's.
+  (unreadable images dropped on this host in the run), `state()` and `metrics()`.
+  process_index / process_count default to jax's. Raises ValueError for a reader state
+  that is not one of this host's (a negative position, or one the batch size cannot reach).
   """
   cfg = resolve_data_config(data_config)
   _check_seed(cfg)
@@ -323,20 +336,30 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0.")
   local_batch_size = global_batch_size // process_count
+  start_position, counts = start_step * local_batch_size, (0, 0)
+  if reader_state is not None:
+    start_position = int(reader_state["position"])
+    counts = (int(reader_state.get("num_read", 0)), int(reader_state.get("num_skipped", 0)))
+    if start_position < 0:
+      raise ValueError(f"reader_state {dict(reader_state)}: the position must be >= 0.")
 
   if cfg.source == "synthetic":
     if cfg.crop_min_scale < 1.0 or cfg.flip:
       raise ValueError("Synthetic captions say where the shape is and how big it is; a crop or "
                        "flip would make them wrong. Set data.crop_min_scale=1.0, data.flip=False.")
+    if start_position % local_batch_size:
+      raise ValueError(f"reader_state {dict(reader_state or {})} is not at a step boundary "
+                       f"of {local_batch_size} examples per host: it is not this run's.")
     return SyntheticTrainIterator(
         SyntheticCaptions(image_size, cfg.seed, "train"), global_batch_size=global_batch_size,
-        process_index=process_index, process_count=process_count, start_step=start_step,
-        tokenizer=tokenizer, context_length=context_length, num_examples=cfg.num_train_examples)
+        process_index=process_index, process_count=process_count,
+        start_step=start_position // local_batch_size, tokenizer=tokenizer,
+        context_length=context_length, num_examples=cfg.num_train_examples,
+        num_read=counts[0])
 
   from clipdistill_jax.data import tf_pipeline
 
   hosts = dict(process_index=process_index, process_count=process_count)
-  start_position = start_step * local_batch_size
   class_names = cfg.class_names
   if cfg.source == "manifest":
     from clipdistill_jax.data import local
@@ -391,11 +414,12 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
   batches = tf_pipeline.train_batches(
       records, settings, batch_size=local_batch_size, limits=_limits(cfg),
       num_parallel_calls=cfg.num_parallel_calls, prefetch=cfg.prefetch,
-      num_threads=cfg.num_threads)
+      num_threads=cfg.num_threads, counts=counts)
   return tf_pipeline.TFTrainIterator(
       batches, tokenizer=tokenizer, context_length=context_length,
       captions=caption_fn(class_names, cfg.templates), limits=_limits(cfg), where=where,
-      local_batch_size=local_batch_size, class_names=class_names)
+      local_batch_size=local_batch_size, class_names=class_names, position=start_position,
+      counts=counts)
 
 
 def make_views_iterator(data_config, *, global_batch_size: int, image_size: int,

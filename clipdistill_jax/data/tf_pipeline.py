@@ -316,14 +316,17 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
 # --- training batches -----------------------------------------------------------------------
 
 
-def count_and_filter(examples, limits: CorruptLimits):
+def count_and_filter(examples, limits: CorruptLimits, counts: tuple[int, int] = (0, 0)):
   """Drops ok=False examples; each kept one carries cumulative num_read / num_skipped.
 
-  Once the limits are exceeded every element passes with abort=True, so the host side sees
-  it at once instead of a pipeline spinning over undecodable data forever.
+  `counts`: (num_read, num_skipped) of the run before this stream started (a resumed run
+  continues its totals, and the limits apply to the whole run). Once the limits are exceeded
+  every element passes with abort=True, so the host side sees it at once instead of a
+  pipeline spinning over undecodable data forever.
   """
   tf = import_tf()
   zero = tf.constant(0, tf.int64)
+  start = (tf.constant(int(counts[0]), tf.int64), tf.constant(int(counts[1]), tf.int64), zero)
 
   def count(state, example):
     num_read, num_skipped, consecutive = state
@@ -337,7 +340,7 @@ def count_and_filter(examples, limits: CorruptLimits):
     example = {**example, "num_read": num_read, "num_skipped": num_skipped, "abort": abort}
     return (num_read, num_skipped, consecutive), example
 
-  counted = examples.scan((zero, zero, zero), count)
+  counted = examples.scan(start, count)
   kept = counted.filter(lambda example: example["ok"] | example["abort"])
   return kept.map(lambda example: {k: v for k, v in example.items() if k != "ok"})
 
@@ -348,13 +351,16 @@ class TFTrainIterator:
   Yields {image float32 [b,S,S,3], input_ids int32 [b,L], attention_mask int32 [b,L]}, plus
   with data.num_views example_id int64 [b], view int32 [b] and augmentation int32 [b, 4]
   (AUGMENTATION_COLUMNS). `num_read` / `num_skipped` count the images this host has
-  decoded / dropped as unreadable since the iterator was made (`metrics()` returns them for
-  logging).
+  decoded / dropped as unreadable in the whole run (`counts` carries those of the run before
+  a resume); `position` is the place in this host's record stream after the last batch
+  handed out: records consumed, skipped ones included. `state()` returns all three, what a
+  checkpoint stores to resume the stream exactly (pipeline.make_train_iterator).
   """
 
   def __init__(self, batches, *, tokenizer, context_length: int, captions: CaptionFn,
                limits: CorruptLimits, where: str, local_batch_size: int,
-               class_names: list[str] | None):
+               class_names: list[str] | None, position: int = 0,
+               counts: tuple[int, int] = (0, 0)):
     self._batches = NumpyIterator(batches)
     self._tokenizer = tokenizer
     self._context_length = context_length
@@ -363,8 +369,8 @@ class TFTrainIterator:
     self._where = where
     self.local_batch_size = local_batch_size
     self.class_names = class_names
-    self.num_read = 0
-    self.num_skipped = 0
+    self.position = int(position)
+    self.num_read, self.num_skipped = (int(c) for c in counts)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
@@ -373,6 +379,9 @@ class TFTrainIterator:
     batch = next(self._batches)
     self.num_read = int(batch["num_read"][-1])
     self.num_skipped = int(batch["num_skipped"][-1])
+    # Records are numbered in stream order, so the next unread one follows the batch's last;
+    # unreadable records before it were consumed (and counted) with this batch.
+    self.position = int(batch["position"][-1]) + 1
     if batch["abort"].any():
       raise TooManyCorruptImagesError(
           self._limits.message(self.num_read, self.num_skipped, self._where))
@@ -384,17 +393,24 @@ class TFTrainIterator:
     """Stops the tf.data pipeline now (it is also stopped at interpreter exit)."""
     self._batches.close()
 
+  def state(self) -> dict[str, int]:
+    """{position, num_read, num_skipped} after the last batch: resumes the stream exactly."""
+    return {"position": self.position, "num_read": self.num_read,
+            "num_skipped": self.num_skipped}
+
   def metrics(self) -> dict[str, float]:
     return {"data/num_read": float(self.num_read), "data/num_skipped": float(self.num_skipped),
             "data/skipped_fraction": self.num_skipped / max(self.num_read, 1)}
 
 
 def train_batches(records, settings: DecodeSettings, *, batch_size: int, limits: CorruptLimits,
-                  num_parallel_calls: int, prefetch: int, num_threads: int | None):
-  """Endless tf.data batches (numpy on iteration) from an endless record stream."""
+                  num_parallel_calls: int, prefetch: int, num_threads: int | None,
+                  counts: tuple[int, int] = (0, 0)):
+  """Endless tf.data batches (numpy on iteration) from an endless record stream; `counts`
+  as in count_and_filter."""
   tf = import_tf()
   examples = decode_records(records, settings, num_parallel_calls)
-  batches = count_and_filter(examples, limits).batch(batch_size, drop_remainder=True)
+  batches = count_and_filter(examples, limits, counts).batch(batch_size, drop_remainder=True)
   batches = batches.prefetch(prefetch if prefetch >= 0 else tf.data.AUTOTUNE)
   return batches.with_options(dataset_options(num_threads))
 
