@@ -57,7 +57,7 @@ if [[ $DRY == 1 ]]; then
   STEP_ARGS=(--config=configs/bench_tiny.py --teacher=tiny --batch_size=8 --steps=2
              --warmup_steps=1 --matmul_size=64)
   INPUT_ARGS=(--config=configs/bench_tiny.py --batch_size=8 --input_images=32
-              --input_batches=1 --input_cores=2)
+              --input_batches=1 --input_cores=2 --input_repeats=1)
 else
   STEP_ARGS=(--batch_size="${BATCH:-1024}" --steps=20 --warmup_steps=3 --matmul_size=8192)
   INPUT_ARGS=(--batch_size="${INPUT_BATCH:-256}" --input_images=2048 --input_batches=6)

@@ -99,9 +99,10 @@ def test_input_sides_do_the_same_work(photo_set):
   spec = dict(path=photo_set["manifest"], image_size=224, context_length=77, batch_size=4,
               batches=1, warmup_batches=0, cpus=[], source="manifest", image_decoder="pil")
   ours = input_pipeline.run_ours(spec)
-  assert ours["images_per_s"] > 0 and ours["images"] == 4
+  assert ours["images_per_s"] > 0 and ours["images"] == 4 and ours["cpu_s"] > 0
   dataset, collate, processor_class = input_pipeline._peer_parts(spec)
   batch = collate([dataset[i] for i in range(4)])
+  assert batch["cpu_s"] > 0  # the workers' CPU time travels with each batch
   assert processor_class.startswith("CLIPImageProcessor")
   assert tuple(batch["pixel_values"].shape) == (4, 3, 224, 224)
   rows = [json.loads(line) for line in open(photo_set["manifest"])]
@@ -115,14 +116,18 @@ def test_input_sides_do_the_same_work(photo_set):
 
 
 def test_input_figures_are_per_core_and_against_the_peer_at_the_same_cores():
-  runs = {"peer_1core": {"images_per_s": 100.0}, "peer_2core": {"images_per_s": 150.0},
-          "manifest_pil_1core": {"images_per_s": 120.0},
-          "manifest_pil_2core": {"images_per_s": 240.0},
+  runs = {"peer_1core": {"images_per_s": 100.0, "images_per_cpu_s": 110.0},
+          "peer_2core": {"images_per_s": 150.0, "images_per_cpu_s": 100.0},
+          "manifest_pil_1core": {"images_per_s": 120.0, "images_per_cpu_s": 132.0},
+          "manifest_pil_2core": {"images_per_s": 240.0, "images_per_cpu_s": 160.0},
           "tfrecord_tf_2core": {"error": "exit code 1"}}
   figures = host.input_figures(runs, cores=2)
-  assert figures["images_per_s_per_core"]["manifest_pil_2core"] == 120.0
+  # Per core: images per CPU-second; by the wall clock: images/s / cores.
+  assert figures["images_per_s_per_core"]["manifest_pil_2core"] == 160.0
+  assert figures["wall_images_per_s_per_core"]["manifest_pil_2core"] == 120.0
   assert figures["input_ratio_vs_peer"] == {"1core": 1.2, "2core": 1.6}
-  assert figures["input_images_per_s_per_core"] == {"1core": 120.0, "2core": 120.0}
+  assert figures["wall_ratio_vs_peer"]["manifest_pil_2core"] == 1.6
+  assert figures["input_images_per_s_per_core"] == {"1core": 132.0, "2core": 160.0}
   assert "tfrecord_tf_2core" not in figures["ratio_vs_peer"]
 
 

@@ -48,7 +48,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from clipdistill_jax.perf import common
+from clipdistill_jax.perf import common, host
 
 DEFAULT_VARIANTS = ("online", "cached", "bf16_teacher", "remat", "peer")
 HOST_VARIANTS = ("loop", "input")
@@ -223,7 +223,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
                          vocab_size=text.vocab_size, eos_token_id=text.eos_token_id),
         matmul_size=matmul_size, matmul_runs=matmul_runs, student_dir=student_dir)
     env = {**os.environ, **(child_env or {})}
-    host_results = _run_host_variants(
+    host_results = host.run_variants(
         host_variants, lambda module, spec: _run_child(module, spec, root, timeout_s, env),
         root=root, log=log, batch_size=batch_size, student_config=student_config,
         ours_spec=dict(common_spec, name="online", cached_teacher=False,
@@ -300,29 +300,6 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
   for warning in report["warnings"]:
     log(f"WARNING: {warning}")
   return report
-
-
-def _run_host_variants(names, run_child, *, root: Path, log, batch_size: int, student_config,
-                       ours_spec: dict[str, Any], loop: dict[str, Any],
-                       input: dict[str, Any]) -> dict[str, Any]:
-  """The loop and input variants (perf/host.py): their sections and headline figures."""
-  from clipdistill_jax.perf import host
-
-  out: dict[str, Any] = {}
-  if "loop" in names:
-    result = host.run_loop(run_child, root=root, batch_size=batch_size,
-                           image_size=student_config.vision_config.image_size,
-                           ours_spec=ours_spec, log=log, **loop)
-    out["loop"] = result
-    out["loop_efficiency"] = result.get("loop_efficiency")
-  if "input" in names:
-    result = host.run_input(run_child, root=root, batch_size=batch_size,
-                            context_length=student_config.text_config.max_position_embeddings,
-                            log=log, **input)
-    out["input"] = result
-    out["input_images_per_s_per_core"] = result["input_images_per_s_per_core"]
-    out["input_ratio_vs_peer"] = result["input_ratio_vs_peer"]
-  return out
 
 
 def precision_warnings(ratios: dict[str, float | None], results: dict[str, Any]) -> list[str]:
@@ -475,6 +452,9 @@ def format_table(report: dict[str, Any]) -> str:
   for k, v in report.get("checks", {}).items():
     if v is not None:
       lines.append(f"first-step {k.replace('_', ' ')} relative difference: {v:.1e}")
+  lines.extend(host.summary_lines(report))
+  for warning in report.get("warnings", []):
+    lines.append(f"WARNING: {warning}")
   s = report["settings"]
   lines.append(f"batch {s['batch_size']}, {s['steps']} timed steps x {s.get('repeats', 1)} "
                "process(es) per variant (median), teacher "

@@ -5,9 +5,11 @@ its own process pinned to its cores, our pipeline on a manifest and on TFRecords
 PyTorch DataLoader peer on the same files, with 1 core and with all cores (`input_cores`),
 for each of our image decoders asked for. Figures:
 
-  input_images_per_s_per_core  ours (manifest, the default decoder) images/s / cores, at
-                               1 core and at all cores
-  input_ratio_vs_peer          ours / peer images/s at the same cores (the same per core)
+  input_images_per_s_per_core  ours (manifest, the default decoder): images per CPU-second
+                               (perf/input_pipeline.py: what one core does alone; the wall
+                               clock's images/s / cores is `wall_images_per_s_per_core`),
+                               at 1 core and at all cores
+  input_ratio_vs_peer          ours / peer per core at the same cores (and `wall_ratio_vs_peer`)
 """
 
 from __future__ import annotations
@@ -76,12 +78,13 @@ def run_input(run_child, *, root: Path, batch_size: int, image_size: int,
                            dict(base, name=f"input_{name}", cpus=cpus, **job))
         tries[name].append(result)
         if "error" not in result:
-          log(f"  {name}: {result['images_per_s']:.0f} images/s "
-              f"({result['images_per_s'] / n:.0f} per core)")
+          log(f"  {name}: {result['images_per_s']:.0f} images/s, "
+              f"{result['images_per_cpu_s']:.0f} per CPU-second")
     for name, results in tries.items():
       ok = [r for r in results if "error" not in r]
-      runs[name] = (dict(max(ok, key=lambda r: r["images_per_s"]),
-                         all_images_per_s=[r["images_per_s"] for r in ok])
+      runs[name] = (dict(max(ok, key=lambda r: r["images_per_cpu_s"]),
+                         all_images_per_s=[r["images_per_s"] for r in ok],
+                         all_images_per_cpu_s=[r["images_per_cpu_s"] for r in ok])
                     if ok else results[-1])
   return {"settings": {**base, "num_images": num_images, "repeats": repeats,
                        "jpeg_size": list(jpeg_size),
@@ -92,24 +95,72 @@ def run_input(run_child, *, root: Path, batch_size: int, image_size: int,
 
 
 def input_figures(runs: dict[str, dict[str, Any]], cores: int) -> dict[str, Any]:
-  """Per-core images/s and ratios to the peer at the same cores, for every run of ours."""
-  def rate(name):
-    r = runs.get(name)
-    return None if r is None or "error" in r else r["images_per_s"]
+  """Per-core images/s (per CPU-second; and by the wall clock / cores) and ratios to the
+  peer at the same cores, for every run."""
+  def figures(key: str, per: bool):
+    def rate(name):
+      r = runs.get(name)
+      return None if r is None or "error" in r or key not in r else r[key]
+    per_core, ratios = {}, {}
+    for name in runs:
+      n = int(name.rsplit("_", 1)[1].removesuffix("core"))
+      if rate(name) is not None:
+        per_core[name] = rate(name) / (n if per else 1)
+      peer = rate(f"peer_{n}core")
+      if not name.startswith("peer") and rate(name) is not None and peer:
+        ratios[name] = rate(name) / peer
+    return per_core, ratios
 
-  per_core, ratios = {}, {}
-  for name in runs:
-    n = int(name.rsplit("_", 1)[1].removesuffix("core"))
-    if rate(name) is not None:
-      per_core[name] = rate(name) / n
-    peer = rate(f"peer_{n}core")
-    if not name.startswith("peer") and rate(name) is not None and peer:
-      ratios[name] = rate(name) / peer
+  per_core, ratios = figures("images_per_cpu_s", per=False)
+  wall_per_core, wall_ratios = figures("images_per_s", per=True)
   default = f"manifest_{preprocess.DEFAULT_IMAGE_DECODER}"
   return {
       "images_per_s_per_core": per_core, "ratio_vs_peer": ratios,
+      "wall_images_per_s_per_core": wall_per_core, "wall_ratio_vs_peer": wall_ratios,
       "input_images_per_s_per_core": {f"{n}core": per_core.get(f"{default}_{n}core")
                                       for n in sorted({1, cores})},
       "input_ratio_vs_peer": {f"{n}core": ratios.get(f"{default}_{n}core")
                               for n in sorted({1, cores})},
   }
+
+
+def run_variants(names, run_child, *, root: Path, log, batch_size: int, student_config,
+                       ours_spec: dict[str, Any], loop: dict[str, Any],
+                       input: dict[str, Any]) -> dict[str, Any]:
+  """The loop and input variants named in `names`: their report sections and headline
+  figures (loop_efficiency, input_images_per_s_per_core, input_ratio_vs_peer)."""
+  out: dict[str, Any] = {}
+  if "loop" in names:
+    result = run_loop(run_child, root=root, batch_size=batch_size,
+                           image_size=student_config.vision_config.image_size,
+                           ours_spec=ours_spec, log=log, **loop)
+    out["loop"] = result
+    out["loop_efficiency"] = result.get("loop_efficiency")
+  if "input" in names:
+    result = run_input(run_child, root=root, batch_size=batch_size,
+                            context_length=student_config.text_config.max_position_embeddings,
+                            log=log, **input)
+    out["input"] = result
+    out["input_images_per_s_per_core"] = result["input_images_per_s_per_core"]
+    out["input_ratio_vs_peer"] = result["input_ratio_vs_peer"]
+  return out
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+  """The loop and input variants' headline figures, one line each."""
+  lines = []
+  loop = report.get("loop")
+  if loop is not None:
+    lines.append(f"loop: error {loop['error']}" if "error" in loop else
+                 f"loop: {loop['loop']['steps_per_s']:.2f} steps/s vs the bare step's "
+                 f"{loop['bare']['steps_per_s']:.2f}: loop_efficiency "
+                 f"{loop['loop_efficiency']:.3f}")
+  inputs = report.get("input")
+  if inputs is not None:
+    for name, r in inputs["runs"].items():
+      ratio = inputs["ratio_vs_peer"].get(name)
+      lines.append(f"input {name}: " + (f"error {r['error']}" if "error" in r else
+                   f"{r['images_per_s']:.0f} images/s (wall), "
+                   f"{inputs['images_per_s_per_core'][name]:.0f} per core (CPU time)"
+                   + ("" if ratio is None else f", {ratio:.2f}x the peer per core")))
+  return lines

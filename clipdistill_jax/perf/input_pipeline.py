@@ -13,7 +13,12 @@ tokenize the captions (CLIP BPE, 77 tokens), batch.
         captions, a torch DataLoader with one worker process per core (persistent, prefetch
         factor 2). The tokenizer is loaded from the package's own files (no hub).
 
-Both are timed after `warmup_batches` (worker start-up, first reads), over `batches` batches.
+Both are timed after `warmup_batches` (worker start-up, first reads), over `batches` batches,
+by the wall clock (images_per_s) and by the CPU time the work took (images_per_cpu_s: images
+per CPU-second of this process's threads, plus, for the peer, of its workers, which time
+their own __getitem__ and collate_fn calls). On a machine shared with other work the wall
+clock measures the neighbours as much as the code; the CPU time is what a core would spend
+on the same images alone, so "per core" figures come from it.
 """
 
 from __future__ import annotations
@@ -32,18 +37,23 @@ def _pin(cpus: list[int]) -> None:
     os.sched_setaffinity(0, set(cpus))
 
 
-def _time_batches(iterator, warmup: int, batches: int, batch_size: int) -> dict[str, Any]:
+def _time_batches(iterator, warmup: int, batches: int, batch_size: int,
+                  worker_cpu_s=lambda batch: 0.0) -> dict[str, Any]:
+  """Wall and CPU time of `batches` batches; worker_cpu_s(batch): CPU seconds other
+  processes spent on that batch."""
   for _ in range(warmup):
     next(iterator)
-  times = []
-  start = time.perf_counter()
+  times, worker_cpu = [], 0.0
+  start, cpu_start = time.perf_counter(), time.process_time()
   for _ in range(batches):
     t = time.perf_counter()
-    next(iterator)
+    worker_cpu += worker_cpu_s(next(iterator))
     times.append(time.perf_counter() - t)
   seconds = time.perf_counter() - start
+  cpu_s = time.process_time() - cpu_start + worker_cpu
   return {"seconds": seconds, "images": batches * batch_size,
-          "images_per_s": batches * batch_size / seconds,
+          "images_per_s": batches * batch_size / seconds, "cpu_s": cpu_s,
+          "worker_cpu_s": worker_cpu, "images_per_cpu_s": batches * batch_size / cpu_s,
           "batch_time": common.summarize_times(times)}
 
 
@@ -91,15 +101,19 @@ def _peer_parts(spec: dict[str, Any]):
       return len(rows)
 
     def __getitem__(self, i):
+      cpu = time.process_time()
       with PIL.Image.open(rows[i]["image"]) as image:
         pixels = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
-      return pixels, rows[i]["caption"]
+      return pixels, rows[i]["caption"], time.process_time() - cpu
 
   def collate(items):
-    text = tokenizer([c for _, c in items], padding="max_length", truncation=True,
+    cpu = time.process_time()
+    text = tokenizer([c for _, c, _ in items], padding="max_length", truncation=True,
                      max_length=spec["context_length"], return_tensors="pt")
-    return {"pixel_values": torch.stack([p for p, _ in items]),
-            "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+    batch = {"pixel_values": torch.stack([p for p, _, _ in items]),
+             "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+    batch["cpu_s"] = sum(c for _, _, c in items) + time.process_time() - cpu
+    return batch
 
   return Photos(), collate, type(processor).__name__
 
@@ -119,7 +133,8 @@ def run_peer(spec: dict[str, Any]) -> dict[str, Any]:
   def endless():
     while True:
       yield from loader
-  result = _time_batches(endless(), spec["warmup_batches"], spec["batches"], spec["batch_size"])
+  result = _time_batches(endless(), spec["warmup_batches"], spec["batches"], spec["batch_size"],
+                         worker_cpu_s=lambda batch: batch["cpu_s"])
   return {**spec, **result, "setup_s": time.perf_counter() - started - result["seconds"],
           "framework": f"torch {torch.__version__}", "image_processor": processor_class,
           "num_workers": workers}
