@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdistill_jax.data import preprocess
+from clipdistill_jax.data.tokenizer import DEFAULT_CONTEXT_LENGTH
 
 
 def run_loop(run_child, *, root: Path, batch_size: int, image_size: int,
@@ -138,7 +139,7 @@ def run_variants(names, run_child, *, root: Path, log, batch_size: int, student_
     out["loop_efficiency"] = result.get("loop_efficiency")
   if "input" in names:
     result = run_input(run_child, root=root, batch_size=batch_size,
-                            context_length=student_config.text_config.max_position_embeddings,
+                            context_length=DEFAULT_CONTEXT_LENGTH,  # CLIP's 77, as image_size
                             log=log, **input)
     out["input"] = result
     out["input_images_per_s_per_core"] = result["input_images_per_s_per_core"]
