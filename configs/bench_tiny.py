@@ -17,5 +17,5 @@ def get_config():
   c.loss.hidden_layers, c.loss.attention_layers = "uniform", "uniform"
   c.optim.update(dict(lr=1e-3, warmup_steps=5))
   c.train.update(dict(total_steps=200, batch_size=64, log_every=10, checkpoint_every=100))
-  c.eval.zero_shot = ()
+  c.evals, c.eval.zero_shot = (), ()
   return c

@@ -148,7 +148,7 @@ def test_loop_runs_the_trainer_on_jpegs_and_times_its_steps(tmp_path):
 
   teacher = tmp_path / "teacher"
   config = tiny_distill_config(**{"train.log_every": 2, "train.batch_size": 8,
-                                  "eval.zero_shot": ()})
+                                  "evals": ()})
   config.teacher.source = str(teacher)
   from tiny_models import tiny_student
 

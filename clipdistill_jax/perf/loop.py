@@ -8,9 +8,10 @@ Run by the benchmark (`python -m clipdistill_jax.perf.loop --spec S --out O`):
         measures), its logging every train.log_every steps, checkpoints off (only the final
         save, after the timed steps) or every spec['checkpoint_every'] steps. The trainer is
         called through its public function, never copied, so the figure follows the loop as
-        it changes. Its speed is read from the wall clock at every `interval`-th step, where
-        the eval hook (train's eval_fn) waits for the student's params to be ready and
-        notes the time: loop steps/s = steps between the first and last note / seconds.
+        it changes. Its speed is read from the wall clock at every `interval`-th step by an
+        evaluator registered for this process ('clock', through eval/evaluators.py's
+        registry, the only one config.evals names), which waits for the student's params to
+        be ready and notes the time: loop steps/s = steps between first and last note / s.
   bare  the same config's jitted step on a fixed device batch (perf/ours.py's 'online'
         variant), timed before and after the loop; steps/s = 1 / median step time.
 
@@ -29,6 +30,7 @@ import jax
 import ml_collections
 
 from clipdistill_jax import train
+from clipdistill_jax.eval import evaluators
 from clipdistill_jax.perf import common, ours, photos
 
 
@@ -45,18 +47,24 @@ def run_loop(spec: dict[str, Any]) -> dict[str, Any]:
   config.data.source, config.data.path = "manifest", data["manifest"]
   config.train.total_steps = total
   config.train.checkpoint_every = spec.get("checkpoint_every") or total + 1
-  config.eval.every = interval
+  config.evals, config.eval.zero_shot = (f"clock@{interval}",), ()  # the clock reads no data
   notes: list[tuple[int, float]] = []
 
-  def note(step: int, models, student_params) -> dict:
-    del models
-    jax.block_until_ready(student_params)
-    notes.append((step, time.perf_counter()))
-    return {}
+  def clock(config, models, data):
+    del config, models, data
 
+    def note(student_params) -> dict:
+      jax.block_until_ready(student_params)
+      notes.append((len(notes), time.perf_counter()))
+      return {}
+    return note
+
+  evaluators.EVALUATORS["clock"] = clock
   started = time.perf_counter()
-  train.train(config, str(root / "run"), eval_fn=note)
+  train.train(config, str(root / "run"))
   wall = time.perf_counter() - started
+  # The clock runs at steps interval, 2 * interval, ..., total (an evaluator's schedule).
+  notes = [((i + 1) * interval, t) for i, t in notes]
   timed = [(s, t) for s, t in notes if s >= first]
   steps = timed[-1][0] - timed[0][0]
   seconds = timed[-1][1] - timed[0][1]
