@@ -10,8 +10,12 @@ Field by field:
                      student is distilled on exactly the inputs the teacher sees.
   teacher.source     HF hub id or local directory (load_pretrained); None = no teacher (on
                      the command line: --config.teacher.source=None, =none or =)
-  teacher.dtype      'float32' | 'bfloat16' (a frozen bf16 teacher halves its memory; its time
-                     too where matmuls have bf16 units (TPU, GPU); not on a plain x86 CPU)
+  teacher.dtype      'float32' | 'bfloat16'. A frozen bf16 teacher halves its memory and, where
+                     matmul units take bf16 natively (TPU; NVIDIA GPUs since Ampere), its
+                     time. On a CPU it costs time: XLA:CPU ran the B/32 teacher in bf16 at
+                     0.39x the fp32 speed on an AVX-512-BF16 EPYC (scripts/benchmark.py,
+                     batch 32). The benchmark warns when a bf16 variant is slower than fp32
+                     on the device it ran on: measure before choosing it
   teacher.cache_dir  None = run the teacher live; a directory written by
                      `python -m clipdistill_jax.teacher_cache` = read its cached embeddings
                      (embedding losses only: feature, fd, icl, logit_kl, contrastive; random
@@ -20,6 +24,9 @@ Field by field:
                      (an HF config.json); without a teacher, shapes start from student.base
                      ('vit_b32' | 'tiny') and student.image_size / patch_size / context_length
   student.init       'random' (HF's init) | 'inherit' (weights cut from the teacher)
+  student.dtype      'float32' | 'bfloat16': the student's compute dtype (mixed precision: its
+                     params, gradients and optimizer state stay fp32; the loss lands within
+                     bf16 rounding, ~1%, of fp32's). Pays and costs as teacher.dtype does
   student.remat_policy 'none' | 'full' | a jax.checkpoint_policies name ('dots_saveable',
                      ...): recompute each encoder layer's activations in the backward pass
                      (less activation memory for a larger batch; 'full' costs one more

@@ -196,7 +196,14 @@ def place_teacher(models: Models, mesh, rules) -> tuple[Any, Any]:
 # ----------------------------------------------------------------------------------------
 
 def make_train_step(models: Models, loss: losses.DistillLoss, tx, schedule,
-                    max_logit_scale: float, cached_teacher: bool = False) -> Callable:
+                    max_logit_scale: float, cached_teacher: bool = False,
+                    grad_accum_steps: int = 1) -> Callable:
+  """The update step (state, batch, teacher_params) -> (state, metrics).
+
+  state["step"] counts micro-batches; with grad_accum_steps = k the optimizer (optax.MultiSteps)
+  applies one update per k of them, at schedule(update index), so the learning rate logged
+  for micro-batch s is schedule(s // k): the rate its gradient is applied with.
+  """
   need_hidden, need_attention = loss.needs_hidden_states, loss.needs_attentions
 
   def teacher_outputs(teacher_params, batch) -> CLIPOutput | None:
@@ -224,7 +231,7 @@ def make_train_step(models: Models, loss: losses.DistillLoss, tx, schedule,
     params["student"] = optim.clamp_logit_scale(params["student"], max_logit_scale)
     metrics.update({
         "grad_norm": optax.tree.norm(grads),
-        "learning_rate": schedule(state["step"]),
+        "learning_rate": schedule(state["step"] // grad_accum_steps),
         "logit_scale": jnp.exp(params["student"]["logit_scale"]),
     })
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
@@ -294,7 +301,7 @@ def build_run(config: ml_collections.ConfigDict, models: Models | None = None, *
 
   step_fn = jax.jit(
       make_train_step(models, loss, tx, schedule, config.optim.max_logit_scale,
-                      cached_teacher=cached),
+                      cached_teacher=cached, grad_accum_steps=config.optim.grad_accum_steps),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh), teacher_shardings),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))

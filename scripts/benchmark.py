@@ -3,6 +3,8 @@ r"""Train-step benchmark: our jitted distillation step vs the same step in PyTor
     python scripts/benchmark.py --batch_size=32                  # base config, B/32 teacher
     python scripts/benchmark.py --config=configs/X.py --batch_size=32 \
         --variants=online,cached,peer --json_out=/tmp/bench.json
+    python scripts/benchmark.py --config=configs/bench_tiny.py --teacher=tiny \
+        --batch_size=64 --variants=loop,input          # the loop and the input pipeline
 
 Prints a table and the JSON report (clipdistill_jax/perf/benchmark.py says what each
 number is). Weights are random; the teacher is ViT-B/32-shaped unless --teacher names
@@ -44,6 +46,18 @@ _TEACHER = flags.DEFINE_string("teacher", "b32",
 _REMAT = flags.DEFINE_string("remat_policy", "full",
                              "Student remat policy of the 'remat' variant.")
 _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "n of the n x n x n matmul peak.")
+_LOOP_STEPS = flags.DEFINE_integer("loop_steps", 100, "loop: timed steps of train.train.")
+_LOOP_CKPT = flags.DEFINE_integer("loop_checkpoint_every", 0, "loop: checkpoint interval "
+                                  "(0: off, only the final save after the timed steps).")
+_INPUT_IMAGES = flags.DEFINE_integer("input_images", 640, "input: JPEG files written.")
+_INPUT_CORES = flags.DEFINE_integer("input_cores", 0, "input: cores of the all-cores runs "
+                                    "(0: every core this process may use).")
+_INPUT_BATCHES = flags.DEFINE_integer("input_batches", 8, "input: timed batches per run.")
+_INPUT_REPEATS = flags.DEFINE_integer("input_repeats", 2, "input: runs of each measurement "
+                                     "(alternating order; the best counts).")
+_INPUT_DECODERS = flags.DEFINE_list("input_decoders", ["pil", "tf"],
+                                    "input: data.image_decoder values to measure.")
+_PEER_COMPILE = flags.DEFINE_bool("peer_compile", False, "peer: torch.compile the models.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the JSON report here.")
 _FROM_JSON = flags.DEFINE_string("from_json", None, "Run nothing: re-derive and print the "
                                  "report saved by an earlier --json_out.")
@@ -69,7 +83,12 @@ def _main() -> None:
       variants=_VARIANTS.value, repeats=_REPEATS.value, interleave=_INTERLEAVE.value,
       teacher=_TEACHER.value,
       remat_policy=_REMAT.value,
-      matmul_size=_MATMUL.value, log=lambda m: print(m, file=sys.stderr, flush=True))
+      matmul_size=_MATMUL.value, log=lambda m: print(m, file=sys.stderr, flush=True),
+      peer_compile=_PEER_COMPILE.value, loop_steps=_LOOP_STEPS.value,
+      loop_checkpoint_every=_LOOP_CKPT.value or None,
+      input_images=_INPUT_IMAGES.value, input_cores=_INPUT_CORES.value or None,
+      input_batches=_INPUT_BATCHES.value, input_repeats=_INPUT_REPEATS.value,
+      input_decoders=_INPUT_DECODERS.value)
   text = json.dumps(report, indent=2)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:

@@ -122,6 +122,7 @@ class DecodeSettings:
   max_image_pixels: int | None = preprocess.DEFAULT_MAX_IMAGE_PIXELS
   num_views: int | None = None  # K fixed augmented views per example (module docstring)
   all_views: bool = False  # every view of each example at once (the teacher cache writer)
+  image_decoder: str = preprocess.DEFAULT_IMAGE_DECODER  # 'pil' | 'tf' (data.image_decoder)
 
 
 AUGMENTATION_COLUMNS = ("top", "left", "side", "flip")
@@ -242,7 +243,9 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
   def load(image_or_path, from_path: bool):
     encoded = tf.io.read_file(image_or_path) if from_path else image_or_path
     if encoded.dtype == tf.string:
-      return preprocess.tf_preprocess(encoded, size, settings.max_image_pixels)
+      decode = (preprocess.tf_fast_preprocess if settings.image_decoder == "tf" else
+                preprocess.tf_preprocess)
+      return decode(encoded, size, settings.max_image_pixels)
     image = tf.numpy_function(lambda pixels: preprocess.preprocess_image(pixels, size),
                               [encoded], tf.float32, stateful=False)
     image.set_shape([size, size, 3])

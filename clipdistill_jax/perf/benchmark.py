@@ -9,8 +9,14 @@ machine the load drifts over minutes, and alternating spreads the drift over all
   cached        our step reading cached teacher embeddings (feature + logit losses only;
                 hidden/attention weights set to 0, as cached mode requires)
   bf16_teacher  online with teacher.dtype='bfloat16'
+  bf16          (not by default) online with teacher.dtype and student.dtype 'bfloat16'
+                (the student's params, gradients and optimizer state stay fp32)
   remat         online with student.remat_policy=`remat_policy`
   peer          the same step in PyTorch (perf/peer.py: transformers CLIPModel, AdamW, fp32)
+  loop          (not by default) train.train's whole loop on JPEG files against the bare
+                step: loop_efficiency (perf/loop.py)
+  input         (not by default) the input pipeline alone against a PyTorch DataLoader peer,
+                per core (perf/host.py, perf/input_pipeline.py)
 
 and reports images/s, model FLOPs per step (analytic: 3x the trained forward + 1x the
 teacher forward; and XLA's cost analysis of the compiled step, to cross-check), achieved
@@ -42,10 +48,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from clipdistill_jax.perf import common
+from clipdistill_jax.perf import common, host
 
-VARIANTS = ("online", "cached", "bf16_teacher", "remat", "peer")
-DEFAULT_VARIANTS = VARIANTS
+DEFAULT_VARIANTS = ("online", "cached", "bf16_teacher", "remat", "peer")
+HOST_VARIANTS = ("loop", "input")
+VARIANTS = (*DEFAULT_VARIANTS, "bf16", *HOST_VARIANTS)
 
 
 # --- weights --------------------------------------------------------------------------------
@@ -97,6 +104,8 @@ def _variant_config(config: ml_collections.ConfigDict, variant: str, remat_polic
     c.loss.weights.attention = 0.0
   elif variant == "bf16_teacher":
     c.teacher.dtype = "bfloat16"
+  elif variant == "bf16":
+    c.teacher.dtype = c.student.dtype = "bfloat16"
   elif variant == "remat":
     c.student.remat_policy = remat_policy
   return c
@@ -146,19 +155,32 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
                   teacher: str = "b32", remat_policy: str = "full",
                   matmul_size: int = 2048, matmul_runs: int = 7,
                   num_devices: int | None = None, peer_threads: int | None = None,
+                  peer_compile: bool = False,
                   repeats: int = 1, interleave: bool = False,
                   workdir: str | None = None, timeout_s: float = 3600.0,
-                  child_env: dict[str, str] | None = None, log=print) -> dict[str, Any]:
+                  child_env: dict[str, str] | None = None, log=print,
+                  loop_steps: int = 100, loop_interval: int | None = None,
+                  loop_checkpoint_every: int | None = None, input_images: int = 640,
+                  input_jpeg_size: tuple[int, int] = (500, 375), input_image_size: int = 224,
+                  input_cores: int | None = None,
+                  input_decoders: Sequence[str] = ("pil", "tf"), input_batches: int = 8,
+                  input_warmup_batches: int = 2, input_repeats: int = 2) -> dict[str, Any]:
   """Runs the variants (each in a child process, sequentially) and returns the report.
 
   child_env: extra environment variables of the child processes (e.g. XLA_FLAGS).
   interleave: run all of our variants in one process, their steps taken in turn (drift-free
   ratios between them; host memory then is the shared process's), the peer in its own.
+  loop_*: the loop variant's timed steps, its timing interval (None: train.log_every) and
+  checkpoint interval (None: off). input_*: the input variant's JPEG count and size (width,
+  height), output size, cores (None: all this process may use), image decoders, timed and
+  warm-up batches, runs of each (the best counts).
   """
   from clipdistill_jax import run_builder
   from clipdistill_jax.models import hf
 
   variants = list(variants)
+  host_variants = [v for v in variants if v in HOST_VARIANTS]
+  variants = [v for v in variants if v not in HOST_VARIANTS]
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:
     raise ValueError(f"unknown variants {unknown}; choose from {VARIANTS}.")
@@ -182,14 +204,15 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
   root = Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   try:
-    if Path(teacher).is_dir():
-      teacher_dir = str(teacher)
+    if Path(teacher).is_dir() or not (variants or "loop" in host_variants):
+      teacher_dir = str(teacher)  # (or no models needed: the input variant alone)
     else:
       teacher_dir = str(root / "teacher")
       log(f"writing a random {teacher}-shaped teacher to {teacher_dir}")
       hf.save_pretrained(teacher_config, random_params(teacher_config, 1), teacher_dir)
     student_dir = str(root / "student")
-    hf.save_pretrained(student_config, random_params(student_config, 2), student_dir)
+    if variants or "loop" in host_variants:
+      hf.save_pretrained(student_config, random_params(student_config, 2), student_dir)
     config.teacher.source = teacher_dir
 
     text, vision = student_config.text_config, student_config.vision_config
@@ -200,11 +223,24 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
                          vocab_size=text.vocab_size, eos_token_id=text.eos_token_id),
         matmul_size=matmul_size, matmul_runs=matmul_runs, student_dir=student_dir)
     env = {**os.environ, **(child_env or {})}
+    host_results = host.run_variants(
+        host_variants, lambda module, spec: _run_child(module, spec, root, timeout_s, env),
+        root=root, log=log, batch_size=batch_size, student_config=student_config,
+        ours_spec=dict(common_spec, name="online", cached_teacher=False,
+                       num_devices=num_devices, config=config.to_dict()),
+        loop=dict(steps=loop_steps, warmup_steps=max(warmup_steps, 1) + 1,
+                  interval=loop_interval or config.train.log_every,
+                  checkpoint_every=loop_checkpoint_every),
+        input=dict(num_images=input_images, jpeg_size=tuple(input_jpeg_size),
+                   image_size=input_image_size, cores=input_cores,
+                   decoders=tuple(input_decoders), batches=input_batches,
+                   warmup_batches=input_warmup_batches, repeats=input_repeats))
 
     def run_variant(variant: str) -> dict[str, Any]:
       if variant == "peer":
         o = config.optim
         spec = dict(common_spec, name="peer", teacher_dir=teacher_dir, threads=peer_threads,
+                    compile=peer_compile,
                     loss=_loss_spec(loss),
                     optim=dict(lr=o.lr, b1=o.b1, b2=o.b2, eps=o.get("eps", 1e-8),
                                weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
@@ -259,7 +295,26 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
       "ratios": _ratios(results),
       "checks": _loss_checks(results),
   }
+  report.update(host_results)
+  report["warnings"] = precision_warnings(report["ratios"], results)
+  for warning in report["warnings"]:
+    log(f"WARNING: {warning}")
   return report
+
+
+def precision_warnings(ratios: dict[str, float | None], results: dict[str, Any]) -> list[str]:
+  """A warning for every bf16 variant slower than fp32 on the device it ran on (bf16 pays
+  where matmul units take it natively: TPU, recent GPUs; XLA:CPU emulates much of it)."""
+  warnings = []
+  for name, knobs in (("bf16_teacher", "teacher.dtype"),
+                      ("bf16", "teacher.dtype and student.dtype")):
+    ratio = ratios.get(f"{name}_vs_online")
+    if ratio is not None and ratio < 1.0:
+      kind = results[name].get("device_kind", "this device")
+      warnings.append(f"{name} runs at {ratio:.2f}x the fp32 step's images/s on {kind}: keep "
+                      f"{knobs} 'float32' here (bf16 pays where matmul units take it natively: "
+                      "TPU, GPU).")
+  return warnings
 
 
 def rederive(report: dict[str, Any]) -> dict[str, Any]:
@@ -339,7 +394,7 @@ def _ratios(results: dict[str, Any]) -> dict[str, float | None]:
 
   out = {}
   for a, b in (("online", "peer"), ("cached", "online"), ("bf16_teacher", "online"),
-               ("remat", "online")):
+               ("bf16", "online"), ("remat", "online")):
     for suffix, key in (("", "images_per_s"), ("_peak_normalized", "images_per_peak_flop")):
       x, y = get(a, key), get(b, key)
       out[f"{a}_vs_{b}{suffix}"] = None if x is None or y is None else x / y
@@ -397,6 +452,9 @@ def format_table(report: dict[str, Any]) -> str:
   for k, v in report.get("checks", {}).items():
     if v is not None:
       lines.append(f"first-step {k.replace('_', ' ')} relative difference: {v:.1e}")
+  lines.extend(host.summary_lines(report))
+  for warning in report.get("warnings", []):
+    lines.append(f"WARNING: {warning}")
   s = report["settings"]
   lines.append(f"batch {s['batch_size']}, {s['steps']} timed steps x {s.get('repeats', 1)} "
                "process(es) per variant (median), teacher "

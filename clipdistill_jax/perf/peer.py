@@ -2,9 +2,13 @@
 
 transformers' CLIPModel as teacher (eval, no_grad) and student, nn.Linear projectors, the
 losses of clipdistill_jax/losses.py written out in torch, torch.optim.AdamW (with CLIP's
-no-decay groups), fp32, every core. This is what a user would otherwise write; the
-benchmark runs it in its own process (`python -m clipdistill_jax.perf.peer --spec S --out O`)
-so its memory and threads do not mix with ours. Both start from the same weights and batch,
+no-decay groups), fp32, every core. On a GPU (spec device 'cuda', the default where torch
+sees one) it is what a GPU user writes: the same step under torch.autocast bf16 (spec amp,
+default on for cuda), SDPA attention where the losses need no attention maps, and with spec
+compile the student and teacher wrapped in torch.compile. This is what a user would
+otherwise write; the benchmark runs it in its own process
+(`python -m clipdistill_jax.perf.peer --spec S --out O`) so its memory and threads do not mix
+with ours. Both start from the same weights and batch,
 so their first-step losses must agree (a check that they compute the same step).
 """
 
@@ -129,7 +133,7 @@ class PeerLoss(nn.Module):
         kl = kl + (log_p.exp() * (log_p - log_q)).sum(dim).mean()
       parts["logit_kl"] = 0.5 * kl * temp ** 2
     if "contrastive" in self.w:
-      labels = torch.arange(s.logits_per_image.shape[0])
+      labels = torch.arange(s.logits_per_image.shape[0], device=s.logits_per_image.device)
       parts["contrastive"] = 0.5 * (F.cross_entropy(s.logits_per_image, labels)
                                     + F.cross_entropy(s.logits_per_image.T, labels))
     total = sum(self.w[k] * v for k, v in parts.items())
@@ -149,6 +153,8 @@ def _optimizer(student: nn.Module, loss: PeerLoss, o: dict[str, Any]) -> torch.o
 def run(spec: dict[str, Any]) -> dict[str, Any]:
   from transformers import CLIPModel
 
+  device = spec.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+  amp = spec.get("amp", device == "cuda")
   threads = spec.get("threads") or os.cpu_count()
   torch.set_num_threads(threads)
   torch.manual_seed(0)
@@ -157,30 +163,39 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                   ) and spec["loss"]["weights"].get("attention", 0) > 0
   # Attention probabilities are only returned by the eager implementation.
   attn = "eager" if need_maps else "sdpa"
-  teacher = CLIPModel.from_pretrained(spec["teacher_dir"], attn_implementation=attn).eval()
+  teacher = CLIPModel.from_pretrained(spec["teacher_dir"], attn_implementation=attn).eval().to(
+      device)
   for p in teacher.parameters():
     p.requires_grad_(False)
-  student = CLIPModel.from_pretrained(spec["student_dir"], attn_implementation=attn).train()
-  loss_fn = PeerLoss(spec["loss"], student.config, teacher.config)
+  student = CLIPModel.from_pretrained(spec["student_dir"], attn_implementation=attn).train().to(
+      device)
+  loss_fn = PeerLoss(spec["loss"], student.config, teacher.config).to(device)
+  run_teacher, run_student = teacher, student
+  if spec.get("compile"):
+    run_teacher, run_student = torch.compile(teacher), torch.compile(student)
   o = spec["optim"]
   opt = _optimizer(student, loss_fn, o)
   trainable = list(student.parameters()) + list(loss_fn.parameters())
   max_log_scale = math.log(o["max_logit_scale"])
 
   batch = common.make_batch(spec["batch_size"], **spec["batch_shape"], seed=spec["seed"])
-  pixel_values = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy())
-  input_ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
-  mask = torch.from_numpy(batch["attention_mask"].astype(np.int64))
+  pixel_values = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(device)
+  input_ids = torch.from_numpy(batch["input_ids"].astype(np.int64)).to(device)
+  mask = torch.from_numpy(batch["attention_mask"].astype(np.int64)).to(device)
   mask_f = mask.float()
   flags = dict(output_hidden_states=loss_fn.needs_hidden,
                output_attentions=loss_fn.needs_attentions)
 
-  def step() -> dict[str, float]:
-    with torch.no_grad():
-      t_out = teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask,
-                      **flags)
-    s_out = student(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask, **flags)
-    total, metrics = loss_fn(s_out, t_out, mask_f)
+  autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bool(amp))
+
+  def step() -> dict[str, float]:  # float() of the losses waits for the device
+    with autocast:
+      with torch.no_grad():
+        t_out = run_teacher(pixel_values=pixel_values, input_ids=input_ids,
+                            attention_mask=mask, **flags)
+      s_out = run_student(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask,
+                          **flags)
+      total, metrics = loss_fn(s_out, t_out, mask_f)
     opt.zero_grad(set_to_none=True)
     total.backward()
     if o.get("grad_clip_norm"):
@@ -195,18 +210,24 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
   for _ in range(spec["warmup_steps"]):
     step()
   n, runs = spec["matmul_size"], spec["matmul_runs"]
-  a, b = torch.rand(n, n), torch.rand(n, n)
-  before = common.matmul_peak(lambda: torch.matmul(a, b), n, runs, "before steps")
+  a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
+
+  def matmul():
+    out = torch.matmul(a, b)
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return out
+  before = common.matmul_peak(matmul, n, runs, "before steps")
   reset_ok = common.reset_peak_rss()
   rss_before = common.rss_bytes()
-  times, paired_peaks = common.time_steps_with_peak(step, lambda: torch.matmul(a, b), n,
-                                                    spec["steps"])
+  times, paired_peaks = common.time_steps_with_peak(step, matmul, n, spec["steps"])
   peak = common.peak_rss_bytes()
-  mm = common.best_peak([before, common.matmul_peak(lambda: torch.matmul(a, b), n, runs,
-                                                    "after steps")])
+  mm = common.best_peak([before, common.matmul_peak(matmul, n, runs, "after steps")])
   return {
       "name": "peer", "framework": f"torch {torch.__version__}", "threads": threads,
-      "attn_implementation": attn, "setup_s": setup_s,
+      "attn_implementation": attn, "setup_s": setup_s, "device": device,
+      "amp_bf16": bool(amp), "compiled": bool(spec.get("compile")),
+      "device_kind": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
       "step_time": common.summarize_times(times), "first_step_losses": first,
       "paired_matmul_flops_per_s": paired_peaks,
       "rss_before_steps_bytes": rss_before, "peak_rss_bytes": peak,

@@ -1,0 +1,106 @@
+"""Loop benchmark: the trainer's own loop against its bare jitted step, in one process.
+
+Run by the benchmark (`python -m clipdistill_jax.perf.loop --spec S --out O`):
+
+  loop  train.train(config, workdir) as a user runs it: its real data iterator reading a
+        manifest of JPEG files (perf/photos.py; written at the model's input size, so that
+        the figure is the loop's overhead, not JPEG decoding, which the input benchmark
+        measures), its logging every train.log_every steps, checkpoints off (only the final
+        save, after the timed steps) or every spec['checkpoint_every'] steps. The trainer is
+        called through its public function, never copied, so the figure follows the loop as
+        it changes. Its speed is read from the wall clock at every `interval`-th step by an
+        evaluator registered for this process ('clock', through eval/evaluators.py's
+        registry, the only one config.evals names), which waits for the student's params to
+        be ready and notes the time: loop steps/s = steps between first and last note / s.
+  bare  the same config's jitted step on a fixed device batch (perf/ours.py's 'online'
+        variant), timed before and after the loop; steps/s = 1 / median step time.
+
+loop_efficiency = loop steps/s / bare steps/s: 1.0 when the loop adds nothing to the step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from clipdistill_jax import train
+from clipdistill_jax.eval import evaluators
+from clipdistill_jax.perf import common, ours, photos
+
+
+def run_loop(spec: dict[str, Any]) -> dict[str, Any]:
+  """train.train on JPEG files, timed between eval-hook notes (module docstring)."""
+  config = ml_collections.ConfigDict(spec["config"])
+  root = Path(spec["workdir"])
+  size = spec["image_size"]
+  data = photos.write_photo_set(root / "photos", spec["num_images"],
+                                size=(round(size * 4 / 3), size), num_shards=1)
+  interval = spec["interval"]
+  first = interval * max(1, -(-spec["warmup_steps"] // interval))
+  total = first + interval * max(1, -(-spec["steps"] // interval))
+  config.data.source, config.data.path = "manifest", data["manifest"]
+  config.train.total_steps = total
+  config.train.checkpoint_every = spec.get("checkpoint_every") or total + 1
+  config.evals, config.eval.zero_shot = (f"clock@{interval}",), ()  # the clock reads no data
+  notes: list[tuple[int, float]] = []
+
+  def clock(config, models, data):
+    del config, models, data
+
+    def note(student_params) -> dict:
+      jax.block_until_ready(student_params)
+      notes.append((len(notes), time.perf_counter()))
+      return {}
+    return note
+
+  evaluators.EVALUATORS["clock"] = clock
+  started = time.perf_counter()
+  train.train(config, str(root / "run"))
+  wall = time.perf_counter() - started
+  # The clock runs at steps interval, 2 * interval, ..., total (an evaluator's schedule).
+  notes = [((i + 1) * interval, t) for i, t in notes]
+  timed = [(s, t) for s, t in notes if s >= first]
+  steps = timed[-1][0] - timed[0][0]
+  seconds = timed[-1][1] - timed[0][1]
+  rates = [(b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(timed, timed[1:], strict=False)]
+  return {"steps_per_s": steps / seconds, "timed_steps": steps, "timed_seconds": seconds,
+          "interval_steps_per_s": rates, "median_interval_steps_per_s": statistics.median(rates),
+          "first_timed_step": first, "total_steps": total, "wall_s": wall,
+          "log_every": config.train.log_every,
+          "checkpoint_every": spec.get("checkpoint_every") or None,
+          "jpeg_size": [round(size * 4 / 3), size], "mean_jpeg_bytes": data["mean_jpeg_bytes"]}
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+  """bare, loop, bare: the bare step's median over both runs against the loop."""
+  bare_before = ours.run(spec["bare"])
+  loop = run_loop(spec)
+  bare_after = ours.run(spec["bare"])
+  times = bare_before["step_time"]["all_s"] + bare_after["step_time"]["all_s"]
+  bare_steps_per_s = 1.0 / statistics.median(times)
+  return {
+      "name": "loop", "backend": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind, "batch_size": spec["batch_size"],
+      "loop": loop,
+      "bare": {"step_time": common.summarize_times(times), "steps_per_s": bare_steps_per_s,
+               "steps_per_s_before": 1.0 / bare_before["step_time"]["median_s"],
+               "steps_per_s_after": 1.0 / bare_after["step_time"]["median_s"],
+               "compile_s": bare_before["compile_s"]},
+      "loop_efficiency": loop["steps_per_s"] / bare_steps_per_s,
+      "loop_images_per_s": loop["steps_per_s"] * spec["batch_size"],
+      "bare_images_per_s": bare_steps_per_s * spec["batch_size"],
+  }
+
+
+def main(argv: list[str] | None = None) -> None:
+  common.child_main(run, __doc__, argv)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,169 @@
+"""The host side: the fast image decoder, the input benchmark's two sides, the loop benchmark,
+and the figures and warnings the benchmark derives."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from clipdistill_jax.data import pipeline, preprocess
+from clipdistill_jax.data.batches import TooManyCorruptImagesError
+from clipdistill_jax.perf import benchmark, host, input_pipeline, photos
+
+FAST_CHILDREN = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
+# The largest difference of the 'tf' decoder from CLIPImageProcessor in normalized units
+# (1/255 of a channel is about 0.015): measured 0.10 at most, 0.002 on average, over 64 of
+# the benchmark's 500 x 375 photos (README, Performance).
+FAST_MAX_DIFF, FAST_MEAN_DIFF = 0.15, 0.01
+
+
+@pytest.fixture(scope="module")
+def photo_set(tmp_path_factory):
+  return photos.write_photo_set(tmp_path_factory.mktemp("photos"), 16, size=(500, 375))
+
+
+def _reference(path: str, size: int = 224) -> np.ndarray:
+  from transformers import CLIPImageProcessorPil
+
+  processor = CLIPImageProcessorPil(**{k: v for k, v in preprocess.preprocessor_config(
+      size).items() if k not in ("image_processor_type", "processor_class")})
+  with PIL.Image.open(path) as image:
+    pixels = processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
+  return np.moveaxis(pixels, 0, -1)
+
+
+def test_photo_set_is_real_sized_jpegs(photo_set):
+  rows = [json.loads(line) for line in open(photo_set["manifest"])]
+  assert len(rows) == 16 and len({r["caption"] for r in rows}) > 1
+  with PIL.Image.open(rows[0]["image"]) as image:
+    assert image.format == "JPEG" and image.size == (500, 375)
+  assert 15_000 < photo_set["mean_jpeg_bytes"] < 150_000
+
+
+def test_tf_decoder_is_close_to_clip_image_processor(photo_set):
+  tf = pytest.importorskip("tensorflow")
+  fast = tf.function(lambda encoded: preprocess.tf_fast_preprocess(encoded, 224))
+  rows = [json.loads(line) for line in open(photo_set["manifest"])]
+  diffs = []
+  for row in rows[:6]:
+    image, ok = fast(tf.constant(open(row["image"], "rb").read()))
+    assert bool(ok)
+    diffs.append(np.abs(image.numpy() - _reference(row["image"])))
+  assert max(d.max() for d in diffs) < FAST_MAX_DIFF
+  assert np.mean([d.mean() for d in diffs]) < FAST_MEAN_DIFF
+  # Other formats (PNG, grey) decode too; undecodable bytes fail inside the op.
+  png = PIL.Image.fromarray(np.full((40, 60), 128, np.uint8))
+  path = photo_set["manifest"] + ".png"
+  png.save(path)
+  image, ok = fast(tf.constant(open(path, "rb").read()))
+  assert bool(ok) and image.shape == (224, 224, 3)
+  np.testing.assert_allclose(image.numpy(), _reference(path), atol=FAST_MAX_DIFF)
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    fast(tf.constant(b"not an image"))
+
+
+def test_tf_decoder_in_the_pipeline_counts_bad_files_and_keeps_the_limit(photo_set, tmp_path):
+  rows = [json.loads(line) for line in open(photo_set["manifest"])][:8]
+  (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+  rows.append({"image": str(tmp_path / "bad.jpg"), "caption": "a broken file"})
+  manifest = tmp_path / "m.jsonl"
+  manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  from clipdistill_jax.data.tokenizer import load_tokenizer
+
+  def first_batch(**data):
+    it = pipeline.make_train_iterator(
+        {"source": "manifest", "path": str(manifest), "image_decoder": "tf", **data},
+        global_batch_size=8, image_size=32, context_length=16, tokenizer=load_tokenizer(),
+        process_index=0, process_count=1)
+    batch = next(it)
+    metrics = it.metrics()
+    it.close()
+    return batch, metrics
+  batch, metrics = first_batch()
+  assert batch["image"].shape == (8, 32, 32, 3) and np.abs(batch["image"]).max() > 0.5
+  assert metrics["data/num_skipped"] == 1
+  # 500 x 375 = 187,500 pixels: a lower limit skips every photo (from the JPEG header).
+  with pytest.raises(TooManyCorruptImagesError, match="could not be read or decoded"):
+    first_batch(max_image_pixels=100_000, corrupt_check_after=4, max_consecutive_corrupt=5)
+
+
+def test_image_decoder_is_checked():
+  with pytest.raises(ValueError, match="data.image_decoder='cv2'.*'pil'.*'tf'"):
+    pipeline.resolve_data_config({"image_decoder": "cv2"})
+
+
+def test_input_sides_do_the_same_work(photo_set):
+  """Ours (the trainer's iterator) and the peer's Dataset + collate_fn give the same pixels
+  (the exact decoder) and the same token ids for the same files."""
+  spec = dict(path=photo_set["manifest"], image_size=224, context_length=77, batch_size=4,
+              batches=1, warmup_batches=0, cpus=[], source="manifest", image_decoder="pil")
+  ours = input_pipeline.run_ours(spec)
+  assert ours["images_per_s"] > 0 and ours["images"] == 4 and ours["cpu_s"] > 0
+  dataset, collate, processor_class = input_pipeline._peer_parts(spec)
+  batch = collate([dataset[i] for i in range(4)])
+  assert batch["cpu_s"] > 0  # the workers' CPU time travels with each batch
+  assert processor_class.startswith("CLIPImageProcessor")
+  assert tuple(batch["pixel_values"].shape) == (4, 3, 224, 224)
+  rows = [json.loads(line) for line in open(photo_set["manifest"])]
+  np.testing.assert_allclose(np.moveaxis(batch["pixel_values"][0].numpy(), 0, -1),
+                             preprocess.decode_and_preprocess(open(rows[0]["image"], "rb")
+                                                              .read()), atol=1e-5)
+  from clipdistill_jax.data.tokenizer import load_tokenizer
+  ids, mask = load_tokenizer()([rows[i]["caption"] for i in range(4)], 77)
+  np.testing.assert_array_equal(batch["input_ids"].numpy(), ids)
+  np.testing.assert_array_equal(batch["attention_mask"].numpy(), mask)
+
+
+def test_input_figures_are_per_core_and_against_the_peer_at_the_same_cores():
+  runs = {"peer_1core": {"images_per_s": 100.0, "images_per_cpu_s": 110.0},
+          "peer_2core": {"images_per_s": 150.0, "images_per_cpu_s": 100.0},
+          "manifest_pil_1core": {"images_per_s": 120.0, "images_per_cpu_s": 132.0},
+          "manifest_pil_2core": {"images_per_s": 240.0, "images_per_cpu_s": 160.0},
+          "tfrecord_tf_2core": {"error": "exit code 1"}}
+  figures = host.input_figures(runs, cores=2)
+  # Per core: images per CPU-second; by the wall clock: images/s / cores.
+  assert figures["images_per_s_per_core"]["manifest_pil_2core"] == 160.0
+  assert figures["wall_images_per_s_per_core"]["manifest_pil_2core"] == 120.0
+  assert figures["input_ratio_vs_peer"] == {"1core": 1.2, "2core": 1.6}
+  assert figures["wall_ratio_vs_peer"]["manifest_pil_2core"] == 1.6
+  assert figures["input_images_per_s_per_core"] == {"1core": 132.0, "2core": 160.0}
+  assert "tfrecord_tf_2core" not in figures["ratio_vs_peer"]
+
+
+def test_bf16_slower_than_fp32_warns_naming_the_knob():
+  results = {"bf16_teacher": {"device_kind": "cpu"}, "bf16": {"device_kind": "cpu"}}
+  warnings = benchmark.precision_warnings(
+      {"bf16_teacher_vs_online": 0.39, "bf16_vs_online": 1.7}, results)
+  assert len(warnings) == 1
+  assert "0.39x" in warnings[0] and "teacher.dtype" in warnings[0] and "cpu" in warnings[0]
+  assert benchmark.precision_warnings({"bf16_teacher_vs_online": 1.3}, results) == []
+
+
+def test_loop_runs_the_trainer_on_jpegs_and_times_its_steps(tmp_path):
+  from tiny_models import tiny_distill_config
+
+  from clipdistill_jax import checkpoints
+  from clipdistill_jax.perf import loop
+
+  teacher = tmp_path / "teacher"
+  config = tiny_distill_config(**{"train.log_every": 2, "train.batch_size": 8,
+                                  "evals": ()})
+  config.teacher.source = str(teacher)
+  from tiny_models import tiny_student
+
+  from clipdistill_jax.models import hf
+  from clipdistill_jax.models.config import tiny_config
+  hf.save_pretrained(*tiny_student(tiny_config().text_config.eos_token_id), str(teacher))
+  result = loop.run_loop(dict(config=config.to_dict(), workdir=str(tmp_path / "loop"),
+                              image_size=32, num_images=16, interval=2, warmup_steps=2,
+                              steps=4, checkpoint_every=None))
+  assert result["timed_steps"] == 4 and result["total_steps"] == 6
+  assert result["first_timed_step"] == 2 and result["jpeg_size"] == [43, 32]
+  assert len(result["interval_steps_per_s"]) == 2 and result["steps_per_s"] > 0
+  # Checkpoints off: none within the timed steps (2, 6); the final save comes after them.
+  manager = checkpoints.make_manager(str(tmp_path / "loop" / "run"), save_every=100, keep=3)
+  saved = list(manager.all_steps())
+  assert 6 in saved and not [s for s in saved if 2 < s < 6]
+  metrics = [json.loads(line) for line in open(tmp_path / "loop" / "run" / "metrics.jsonl")]
+  assert [m["step"] for m in metrics if "loss/total" in m] == [2, 4, 6]
