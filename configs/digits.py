@@ -12,6 +12,11 @@ on the first data.num_train_examples of them, and the same student is trained wi
 teacher on exactly those. Zero-shot on the 500 held-out images, one folder per class,
 prompted with "a handwritten digit {}".
 
+Every stage trains on random square crops of at least 70% of the image (data.crop_min_scale;
+no flips: a mirrored digit is another glyph). On 300 images the augmentation is what lets the
+teacher's knowledge through: without it the distilled student reached 80% of its teacher
+(79.0% top-1), with it 97% of a stronger one (95.8%); README, "Ablation".
+
 The argument after the colon is the directory make_digits.py wrote.
 """
 
@@ -30,7 +35,8 @@ def _demo():
 def get_config(data_dir: str = "/tmp/digits"):
   c = _demo()
   c.data.update(dict(source="manifest", path=os.path.join(data_dir, "train.jsonl"),
-                     caption_key="caption", image_key="image", num_train_examples=300))
+                     caption_key="caption", image_key="image", num_train_examples=300,
+                     crop_min_scale=0.7))
   c.experiment.teacher_steps = 800  # 79 epochs of the 1,297 training images
   c.train.total_steps = 500
   c.ablation.update(dict(recipes=("article", "clip_kd", "affinity", "clip_kd_inherit"),
