@@ -242,7 +242,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
         spec = dict(common_spec, name="peer", teacher_dir=teacher_dir, threads=peer_threads,
                     compile=peer_compile,
                     loss=_loss_spec(loss),
-                    optim=dict(lr=o.lr, b1=o.b1, b2=o.b2, eps=o.get("eps", 1e-8),
+                    optim=dict(lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
                                max_logit_scale=o.max_logit_scale))
         return _run_child("clipdistill_jax.perf.peer", spec, root, timeout_s, env)
