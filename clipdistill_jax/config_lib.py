@@ -110,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # log_every: metrics (means over the interval, kept on the devices) are fetched, and the
   # NaN/inf guard read, every log_every steps; prefetch: batches placed on the mesh ahead
-  # of the step that trains on them (train_loop.py).
+  # of the step that trains on them (train_loop.py; data.prefetch is tf.data's, on the host).
   c.train = ml_collections.ConfigDict(dict(
       total_steps=50_000, batch_size=64, log_every=50, checkpoint_every=1000,
       keep_checkpoints=3, async_checkpoints=True, prefetch=2))
