@@ -108,9 +108,12 @@ def base_config() -> ml_collections.ConfigDict:
       schedule="warmup_cosine", warmup_steps=1000, end_lr_ratio=0.0, grad_clip_norm=1.0,
       grad_accum_steps=1, max_logit_scale=100.0))
 
+  # log_every: metrics (means over the interval, kept on the devices) are fetched, and the
+  # NaN/inf guard read, every log_every steps; prefetch: batches placed on the mesh ahead
+  # of the step that trains on them (train_loop.py; data.prefetch is tf.data's, on the host).
   c.train = ml_collections.ConfigDict(dict(
       total_steps=50_000, batch_size=64, log_every=50, checkpoint_every=1000,
-      keep_checkpoints=3, async_checkpoints=True))
+      keep_checkpoints=3, async_checkpoints=True, prefetch=2))
 
   c.data = pipeline.default_data_config()
   c.data.update(dict(source="tfds", name="coco_captions", split="train", eval_split="val"))

@@ -101,7 +101,7 @@ def _check_numbers(c: ml_collections.ConfigDict, bad: Callable[[str], None]) -> 
     if not 0.0 <= o[name] < 1.0:
       bad(f"optim.{name}={o[name]!r} must be in [0, 1).")
   for name in ("total_steps", "batch_size", "log_every", "checkpoint_every",
-               "keep_checkpoints"):
+               "keep_checkpoints", "prefetch"):
     _positive(bad, f"train.{name}", t[name], integer=True)
   _positive(bad, "optim.grad_accum_steps", o.grad_accum_steps, integer=True)
   if o.grad_accum_steps >= 1 and t.batch_size >= 1 and t.batch_size % o.grad_accum_steps:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import jax
@@ -17,7 +16,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from clipdistill_jax import checkpoints, config_lib, sharding, teacher_cache_reader
+from clipdistill_jax import checkpoints, config_lib, teacher_cache_reader, train_loop
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.tokenizer import load_tokenizer
 from clipdistill_jax.errors import UserError
@@ -117,50 +116,60 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   cache.merger(start_step, process_index=jax.process_index()))
 
   # --- loop ------------------------------------------------------------------------------
+  # The host runs ahead of the devices (train_loop.py): it waits for a step only at log,
+  # evaluation and save steps, and places each batch while the step before it runs.
   writer = make_writer(workdir)
   if start_step == 0:
     writer.write_hparams({k: str(v) for k, v in _flat(config.to_dict()).items()})
   progress = periodic_actions.ReportProgress(num_train_steps=tc.total_steps, writer=writer,
                                              every_steps=tc.log_every)
+  placed_batches = train_loop.prefetch_to_mesh(
+      batches, mesh, start_step=start_step, end_step=tc.total_steps, size=tc.prefetch,
+      transform=merge_cached)
+  accumulated, in_flight = train_loop.MetricsAccumulator(), train_loop.InFlight()
+  clock = train_loop.StepClock()
   last_metrics: dict = {}
-  timer = time.perf_counter()
   with jax.set_mesh(mesh):
     for step in range(start_step + 1, tc.total_steps + 1):
-      host_batch = next(batches)
-      if merge_cached is not None:
-        host_batch = merge_cached(host_batch, step - 1)
-      batch = sharding.shard_host_batch(pipeline.without_example_fields(host_batch), mesh)
-      state, metrics = step_fn(state, batch, teacher_params)
-      metrics = jax.device_get(metrics)
+      with clock.waiting():
+        placed = next(placed_batches)
+      state, metrics = step_fn(state, placed.batch, teacher_params)
+      accumulated.add(metrics, state["step"])
+      in_flight.add(metrics["loss/total"])
       checkpoints.check_saves(manager)  # a background save that failed stops the run now
-      _check_finite(metrics, step, manager)
       progress(step)
       if step % tc.log_every == 0 or step == tc.total_steps:
-        elapsed = time.perf_counter() - timer
-        steps_done = (tc.log_every if step % tc.log_every == 0 else
-                      step - (step // tc.log_every) * tc.log_every) or 1
-        metrics["images_per_second"] = steps_done * tc.batch_size / max(elapsed, 1e-9)
-        metrics.update(batches.metrics())  # this host's read / skipped image counts
-        writer.write_scalars(step, {k: float(v) for k, v in metrics.items()})
-        timer = time.perf_counter()
-      if evaluators.due(step):
-        writer.write_scalars(step, evaluators(step, state["params"]["student"]))
-      if step == tc.total_steps or manager.should_save(step):
-        checkpoints.save(manager, step, state, {**meta, "step": step,
-                                                "reader": _reader_states(batches)},
-                         force=True)
-      last_metrics = metrics
+        steps_done = accumulated.count
+        _check_finite(accumulated, manager)
+        last_metrics = accumulated.mean()  # waits for the interval's steps
+        train_s, waited_s = clock.lap()
+        last_metrics["images_per_second"] = steps_done * tc.batch_size / train_s
+        last_metrics["data/wait_fraction"] = waited_s / train_s
+        last_metrics.update(placed.data_metrics)  # this host's read / skipped image counts
+        writer.write_scalars(step, last_metrics)
+      evaluate = evaluators.due(step)
+      save = step == tc.total_steps or manager.should_save(step)
+      if evaluate or save:
+        accumulated.block_until_ready()  # the steps before count as training time
+        with clock.paused():
+          _check_finite(accumulated, manager)  # nothing of a non-finite step is used
+          if evaluate:
+            writer.write_scalars(step, evaluators(step, state["params"]["student"]))
+          if save:
+            checkpoints.save(manager, step, state,
+                             {**meta, "step": step, "reader": _reader_states(placed)},
+                             force=True)
   checkpoints.finish(manager)
   writer.flush()
-  return {"step": int(state["step"]), "metrics": {k: float(v) for k, v in
-                                                  last_metrics.items()}, "models": models,
+  return {"step": int(state["step"]), "metrics": last_metrics, "models": models,
           "student_params": state["params"]["student"]}
 
 
-def _reader_states(batches) -> dict:
-  """Every host's reader state ({position, num_read, num_skipped}) for the checkpoint's
+def _reader_states(placed: train_loop.PlacedBatch) -> dict:
+  """Every host's reader state ({position, num_read, num_skipped}) after the batch the
+  saved state last trained on (not after the batches read ahead), for the checkpoint's
   meta, which host 0 writes: gathered from all hosts (a collective; save steps only)."""
-  mine = batches.state()
+  mine = placed.reader_state
   keys = sorted(mine)
   if jax.process_count() == 1:
     return {"process_count": 1, "hosts": [mine]}
@@ -182,16 +191,19 @@ def _host_reader_state(meta: dict, step: int) -> dict | None:
   return None
 
 
-def _check_finite(metrics: dict, step: int, manager) -> None:
-  """A NaN/inf loss stops the run before anything of this step is saved.
+def _check_finite(accumulated: train_loop.MetricsAccumulator, manager) -> None:
+  """A NaN/inf loss stops the run before anything of it, or of a later step, is saved.
 
-  The loss of `step` comes from the state saved as step - 1: when that checkpoint is the
-  latest, resuming from it replays the same loss, so the message says which one to move
-  away. Nothing is deleted: the files are the user's.
+  Checked (on the devices, fetched here) at log, evaluation and save steps; the error names
+  the first step whose loss was NaN/inf. That loss comes from the state saved as step - 1:
+  when that checkpoint is the latest, resuming from it replays the same loss, so the message
+  says which one to move away. Nothing is deleted: the files are the user's.
   """
-  total = float(metrics["loss/total"])
-  if np.isfinite(total):
+  bad = accumulated.first_non_finite()
+  if bad is None:
     return
+  step, metrics = bad
+  total = metrics["loss/total"]
   manager.wait_until_finished()
   steps = sorted(manager.all_steps())
   advice = ("Lower optim.lr, set optim.grad_clip_norm, or check the data, then rerun the same "
@@ -202,10 +214,12 @@ def _check_finite(metrics: dict, step: int, manager) -> None:
               f"from it repeats the loss: move {manager.directory}/{step - 1} away"
               + (f" to resume from step {older}" if older is not None else
                  " and start over") + ", and lower optim.lr or set optim.grad_clip_norm.")
+  latest = manager.latest_step()
+  kept = (f"the latest checkpoint is step {latest} in {manager.directory}" if latest is not None
+          else f"no checkpoint was saved before it in {manager.directory}")
   raise NonFiniteLossError(
-      f"loss is {total} at step {step} ({ {k: float(v) for k, v in metrics.items()} }). "
-      f"Nothing from this step was saved; the latest checkpoint is step "
-      f"{manager.latest_step()} in {manager.directory}. {advice}")
+      f"loss is {total} at step {step} ({metrics}). Nothing from this step or after it was "
+      f"saved; {kept}. {advice}")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

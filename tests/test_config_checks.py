@@ -95,6 +95,7 @@ def test_validate_lists_every_problem_at_once():
   config.loss.weights.fd = -1.0
   config.optim.lr = 0.0
   config.train.batch_size = 16
+  config.train.prefetch = 0
   config.student.arch = "article2"
   config.eval.templates = "openai_imagenett"
   config.eval.zero_shot = ("folder:/no/such/dir", "cifar10")
@@ -103,6 +104,7 @@ def test_validate_lists_every_problem_at_once():
   expected = ["loss.temperature=0.0 must be a number > 0.",
               "loss.weights.fd=-1.0 must be a number >= 0.",
               "optim.lr=0.0 must be a number > 0.",
+              "train.prefetch=0 must be",
               "student.arch='article2': use one of",
               "eval.templates='openai_imagenett' is neither a template set",
               "eval.zero_shot 'folder:/no/such/dir': /no/such/dir is not a directory",

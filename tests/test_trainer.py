@@ -144,27 +144,40 @@ def load_tiny_config():
   return module.get_config()
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_a_finite_checkpoint(tmp_path):
+# Warmup makes step 1's learning rate 0; step 2's (2e29) throws the weights to ~1e29, whose
+# forward pass at step 3 overflows.
+FIRST_NON_FINITE_STEP = 3
+
+
+@pytest.mark.parametrize("log_every, checkpoint_every", [(1, 1), (5, 2)])
+def test_non_finite_loss_stops_the_run_and_keeps_a_finite_checkpoint(
+    tmp_path, log_every, checkpoint_every):
+  # (1, 1): metrics read and a checkpoint saved every step, the worst case for the guard,
+  # since checkpoint 2 holds the weights that produce the non-finite loss. (5, 2): the loss
+  # stays on the devices until the guard is read before the save of step 4, a step after
+  # the blow-up: the error still names step 3 and nothing from step 3 on is saved.
   config = load_tiny_config()
   config.eval.every = 0
-  # Warmup makes step 1's learning rate 0; step 2's (2e29) throws the weights to ~1e29,
-  # whose forward pass at step 3 overflows. Checkpoint every step: the worst case for the
-  # guard, since checkpoint 2 holds the weights that produce the non-finite loss.
   config.optim.lr = 1e30
-  config.train.update(dict(total_steps=10, log_every=1, checkpoint_every=1))
+  config.train.update(dict(total_steps=10, log_every=log_every,
+                           checkpoint_every=checkpoint_every))
   with pytest.raises(train.NonFiniteLossError) as error:
     train.train(config, tmp_path)
   message = str(error.value)
   print(message)
   failed_step = int(message.split(" at step ")[1].split(" ")[0])
+  assert failed_step == FIRST_NON_FINITE_STEP
   assert message.startswith(("loss is nan", "loss is inf", "loss is -inf"))
   assert "optim.lr" in message  # says what to change
 
-  logged = losses(tmp_path)
-  assert all(np.isfinite(logged[s]) for s in range(1, failed_step))
-  # Nothing of the failed step is saved. The state whose loss it was (checkpoint
-  # failed_step - 1) is kept (files are never deleted) and the message says to move it away;
-  # the one before it is finite.
+  logged = losses(tmp_path)  # the log steps before the failed one, all finite
+  assert sorted(logged) == list(range(log_every, failed_step, log_every))
+  assert all(np.isfinite(v) for v in logged.values())
+  # Nothing of the failed step or after it is saved. The state whose loss it was
+  # (checkpoint failed_step - 1) is kept (files are never deleted) and the message says to
+  # move it away; the one before it (orbax saves the first step whatever the interval) is
+  # finite.
+  assert max(finished_steps(tmp_path)) == failed_step - 1
   _, _, latest = checkpoints.load_student(tmp_path)
   assert latest == failed_step - 1
   assert f"the latest checkpoint is step {latest} " in message
