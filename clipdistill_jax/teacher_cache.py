@@ -198,14 +198,14 @@ def write_teacher_cache(config: ml_collections.ConfigDict, out_dir: str | os.Pat
       config.data.num_views = int(views)
   check_cacheable(config)
   if config.data.num_views is not None:
-    from clipdistill_jax.data import pipeline
+    from clipdistill_jax.data import defaults
 
     if num_steps is not None or num_examples is not None:
       raise TeacherCacheError(
           "a multi-view cache holds every training example (data.num_train_examples sets how "
           "many), not a number of steps: drop --num_steps / --num_examples.")
     try:
-      pipeline.check_views(pipeline.resolve_data_config(config.data))
+      defaults.check_views(defaults.resolve_data_config(config.data))
     except ValueError as e:
       raise TeacherCacheError(str(e)) from None
     return _write_views_cache(config, Path(out_dir), store_pooled=store_pooled,
