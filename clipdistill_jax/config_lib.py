@@ -46,7 +46,7 @@ Field by field:
                      'none', or student:teacher pairs ('3:4,8:12'); attention_layers likewise
   optim.*            AdamW, schedule, clipping, accumulation, logit-scale clamp
   train.*            steps, global batch, logging / checkpoint intervals
-  data.*             see clipdistill_jax/data/pipeline.py; data.seed None (the default) =
+  data.*             see clipdistill_jax/data/defaults.py; data.seed None (the default) =
                      config.seed, so one seed changes init and data order together
   evals              evaluators run during training, by name: 'zero_shot', 'agreement'
                      (with the teacher), 'retrieval'; 'name@STEPS' sets its own interval
@@ -63,7 +63,7 @@ from __future__ import annotations
 import ml_collections
 
 from clipdistill_jax import losses, sharding
-from clipdistill_jax.data import pipeline
+from clipdistill_jax.data import defaults
 
 TEACHER_HUB_ID = "openai/clip-vit-base-patch32"
 
@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
       total_steps=50_000, batch_size=64, log_every=50, checkpoint_every=1000,
       keep_checkpoints=3, async_checkpoints=True, prefetch=2))
 
-  c.data = pipeline.default_data_config()
+  c.data = defaults.default_data_config()
   c.data.update(dict(source="tfds", name="coco_captions", split="train", eval_split="val"))
   c.data.seed = ml_collections.config_dict.placeholder(int)  # None: config.seed (resolve())
 

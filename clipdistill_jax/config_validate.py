@@ -21,7 +21,7 @@ from typing import Any
 import ml_collections
 
 from clipdistill_jax import losses, recipes
-from clipdistill_jax.data import pipeline
+from clipdistill_jax.data import defaults
 from clipdistill_jax.run_builder import DTYPES, ConfigError
 
 MODES = ("train", "experiment", "ablation")
@@ -149,7 +149,7 @@ def _check_data(c: ml_collections.ConfigDict, bad: Callable[[str], None]) -> Non
   if data.get("seed") is None:
     data["seed"] = c.seed
   try:
-    cfg = pipeline.resolve_data_config(data)
+    cfg = defaults.resolve_data_config(data)
   except (KeyError, ValueError) as e:
     bad(str(e).strip("'\""))
     return

@@ -12,7 +12,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from clipdistill_jax.teacher_cache import (
+from clipdistill_jax.teacher_cache_format import (
   MANIFEST,
   PER_VIEW_FIELDS,
   READ_VERSIONS,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipdistill_jax.data import compat, pipeline, preprocess, synthetic
+from clipdistill_jax.data import compat, defaults, pipeline, preprocess, synthetic
 from clipdistill_jax.data.batches import NO_LABEL, TooManyCorruptImagesError
 from clipdistill_jax.data.synthetic import SyntheticCaptions
 from clipdistill_jax.data.tokenizer import load_tokenizer
@@ -192,7 +192,7 @@ def test_synthetic_renders_fast():
 
 
 def test_synthetic_train_batches(tokenizer):
-  batch = next(train_iter(pipeline.default_data_config(), tokenizer, batch=6))
+  batch = next(train_iter(defaults.default_data_config(), tokenizer, batch=6))
   assert batch["image"].shape == (6, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
   assert batch["input_ids"].shape == batch["attention_mask"].shape == (6, CONTEXT)
   assert batch["input_ids"].dtype == batch["attention_mask"].dtype == np.int32
@@ -386,10 +386,10 @@ CC3M_CAPTIONS = [
 
 
 def read(path, **kw):
-  from clipdistill_jax.data import local
+  from clipdistill_jax.data import manifest
 
-  return local.read_manifest(str(path), image_key=kw.pop("image_key", None),
-                             caption_key=kw.pop("caption_key", None), **kw)
+  return manifest.read_manifest(str(path), image_key=kw.pop("image_key", None),
+                                caption_key=kw.pop("caption_key", None), **kw)
 
 
 def test_tsv_manifests_are_unquoted_and_rows_never_swallow_each_other(tmp_path):
@@ -549,7 +549,7 @@ def test_manifest_knobs_in_the_data_config(local_data, tokenizer):
     train_iter({"source": "manifest", "path": "x.tsv", "manifest_quoting": "excel"}, tokenizer)
   with pytest.raises(ValueError, match="max_image_pixels"):
     train_iter({"max_image_pixels": -1}, tokenizer)
-  config = pipeline.default_data_config()
+  config = defaults.default_data_config()
   assert config.manifest_quoting is None and config.skip_bad_rows is False
   assert config.max_image_pixels == preprocess.DEFAULT_MAX_IMAGE_PIXELS == 89_478_485
   config.manifest_quoting = "csv"  # placeholders take a value from the command line

@@ -248,7 +248,8 @@ def test_encode_images_and_texts_with_and_without_mesh(tiny, tokenizer, mesh):
 
 
 def test_evaluate_zero_shot_and_retrieval_on_synthetic(tiny, tokenizer):
-  from clipdistill_jax.data.pipeline import default_data_config, make_eval_dataset
+  from clipdistill_jax.data.defaults import default_data_config
+  from clipdistill_jax.data.pipeline import make_eval_dataset
 
   model, params = tiny
   size = model.config.vision_config.image_size

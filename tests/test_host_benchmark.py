@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from clipdistill_jax.data import pipeline, preprocess
+from clipdistill_jax.data import defaults, pipeline, preprocess
 from clipdistill_jax.data.batches import TooManyCorruptImagesError
 from clipdistill_jax.perf import benchmark, host, input_pipeline, photos
 
@@ -90,7 +90,7 @@ def test_tf_decoder_in_the_pipeline_counts_bad_files_and_keeps_the_limit(photo_s
 
 def test_image_decoder_is_checked():
   with pytest.raises(ValueError, match="data.image_decoder='cv2'.*'pil'.*'tf'"):
-    pipeline.resolve_data_config({"image_decoder": "cv2"})
+    defaults.resolve_data_config({"image_decoder": "cv2"})
 
 
 def test_input_sides_do_the_same_work(photo_set):

@@ -11,7 +11,13 @@ import pytest
 from test_data import png_bytes, write_jsonl
 from tiny_models import tiny_distill_config
 
-from clipdistill_jax import run_builder, teacher_cache, teacher_cache_reader, train
+from clipdistill_jax import (
+  run_builder,
+  teacher_cache,
+  teacher_cache_format,
+  teacher_cache_reader,
+  train,
+)
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.synthetic import SyntheticCaptions
 from clipdistill_jax.data.tokenizer import load_tokenizer
@@ -66,7 +72,7 @@ def test_cache_round_trip_in_training_order(teacher_dir, tmp_path):
                                want.image_embeds, atol=1e-2)
     np.testing.assert_allclose(merged["teacher_text_embeds"].astype(np.float32),
                                want.text_embeds, atol=1e-2)
-  with pytest.raises(teacher_cache.TeacherCacheError, match="ends at step 3"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="ends at step 3"):
     list(cache.batches(start_step=2))
   # Resume: a lost shard is rewritten identically, the others are kept.
   last = out / "teacher-00000002-host000.safetensors"
@@ -76,7 +82,7 @@ def test_cache_round_trip_in_training_order(teacher_dir, tmp_path):
                                     log=lambda m: None)
   assert last.read_bytes() == before
   # A batch from another step is caught.
-  with pytest.raises(teacher_cache.TeacherCacheError, match="not the ones"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="not the ones"):
     teacher_cache_reader.merge_cached(next(batches), cached_steps[0][1], 3)
 
 
@@ -85,9 +91,9 @@ def test_cached_mode_refuses_what_it_cannot_serve(teacher_dir, tmp_path):
                              ({"loss.weights.attention": 0.2}, "attention=0.2"),
                              ({"data.crop_min_scale": 0.5}, "augmentation.*--views K"),
                              ({"data.flip": True}, "augmentation.*--views K")):
-    with pytest.raises(teacher_cache.TeacherCacheError, match=message):
-      teacher_cache.check_cacheable(_cache_config(teacher_dir, **overrides))
-  with pytest.raises(teacher_cache.TeacherCacheError, match="augmentation"):
+    with pytest.raises(teacher_cache_format.TeacherCacheError, match=message):
+      teacher_cache_format.check_cacheable(_cache_config(teacher_dir, **overrides))
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="augmentation"):
     teacher_cache.write_teacher_cache(_cache_config(teacher_dir, **{"data.flip": True}),
                                       tmp_path / "x", num_steps=1)
   with pytest.raises(FileNotFoundError, match="python -m clipdistill_jax.teacher_cache"):
@@ -97,11 +103,11 @@ def test_cached_mode_refuses_what_it_cannot_serve(teacher_dir, tmp_path):
   teacher_cache.write_teacher_cache(_cache_config(teacher_dir), out, num_steps=2,
                                     log=lambda m: None)
   cache = teacher_cache_reader.TeacherCache(out)
-  with pytest.raises(teacher_cache.TeacherCacheError, match="global_batch_size"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="global_batch_size"):
     cache.check_config(_cache_config(teacher_dir, **{"train.batch_size": 16}), 1)
-  with pytest.raises(teacher_cache.TeacherCacheError, match="holds 2 steps"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="holds 2 steps"):
     cache.check_config(_cache_config(teacher_dir, **{"train.total_steps": 5}), 1)
-  with pytest.raises(teacher_cache.TeacherCacheError, match="other settings"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="other settings"):
     teacher_cache.write_teacher_cache(_cache_config(teacher_dir, **{"data.seed": 1}), out,
                                       num_steps=2)
 
@@ -131,10 +137,10 @@ def test_trainer_reads_the_cache_in_place_of_the_teacher(teacher_dir, tmp_path):
 
   # Asking for more steps than were cached, or for a teacher-hungry loss, is refused up front.
   config.train.total_steps = 4
-  with pytest.raises(teacher_cache.TeacherCacheError, match="holds 3 steps"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="holds 3 steps"):
     train.train(config, str(tmp_path / "longer"))
   config.train.total_steps, config.loss.weights.attention = 3, 0.2
-  with pytest.raises(teacher_cache.TeacherCacheError, match="attention=0.2"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="attention=0.2"):
     train.train(config, str(tmp_path / "attention"))
 
 
@@ -210,13 +216,13 @@ def test_views_cache_round_trip(teacher_dir, manifest, tmp_path):
                              **bf16)
   assert len(seen) == ROWS * VIEWS  # every stored view is used
 
-  with pytest.raises(teacher_cache.TeacherCacheError, match="crop/flip of example"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="crop/flip of example"):
     cache.merge_views({**batch, "view": (batch["view"] + 1) % VIEWS}, 9)
   changed = {**batch, "input_ids": batch["input_ids"].copy()}
   changed["input_ids"][0, 1] += 1
-  with pytest.raises(teacher_cache.TeacherCacheError, match="caption of example"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="caption of example"):
     cache.merge_views(changed, 9)
-  with pytest.raises(teacher_cache.TeacherCacheError, match="example 12 view 0 is not in"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="example 12 view 0 is not in"):
     cache.lookup(np.array([12]), np.array([0]))
 
   # Resume: a lost shard is rewritten identically, the others are kept.
@@ -245,31 +251,31 @@ def test_views_cache_refuses_what_it_cannot_serve(teacher_dir, manifest, tmp_pat
       ({"data.num_views": 2, "data.num_train_examples": 6}, "data.num_train_examples"),
       ({"data.num_views": 2, "tokenizer": "/elsewhere"}, "tokenizer"),
       ({"data.num_views": 2, "loss.weights.hidden": 0.35}, "hidden=0.35")):
-    with pytest.raises(teacher_cache.TeacherCacheError, match=message):
+    with pytest.raises(teacher_cache_format.TeacherCacheError, match=message):
       cache.check_config(_views_config(teacher_dir, manifest, **overrides), 1)
   other_teacher = _views_config(teacher_dir, manifest, **{"data.num_views": 2})
   other_teacher.teacher.source = str(tmp_path / "another_teacher")
-  with pytest.raises(teacher_cache.TeacherCacheError, match="teacher_source"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="teacher_source"):
     cache.check_config(other_teacher, 1)
-  with pytest.raises(teacher_cache.TeacherCacheError, match="image_size=32.*image_size=64"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="image_size=32.*image_size=64"):
     cache.check_config(good, 1, image_size=64)
-  with pytest.raises(teacher_cache.TeacherCacheError, match="read by example and view"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="read by example and view"):
     next(cache.batches())
 
   # Writing: views need fixed example ids; steps do not apply; one K; same settings to resume.
-  with pytest.raises(teacher_cache.TeacherCacheError, match="needs a finite training set"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="needs a finite training set"):
     teacher_cache.write_teacher_cache(_cache_config(teacher_dir), tmp_path / "x", views=2)
-  with pytest.raises(teacher_cache.TeacherCacheError, match="drop --num_steps"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="drop --num_steps"):
     teacher_cache.write_teacher_cache(good, tmp_path / "x", num_steps=3)
-  with pytest.raises(teacher_cache.TeacherCacheError, match="--views=3 but"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="--views=3 but"):
     teacher_cache.write_teacher_cache(good, tmp_path / "x", views=3)
-  with pytest.raises(teacher_cache.TeacherCacheError, match="other settings"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="other settings"):
     teacher_cache.write_teacher_cache(_views_config(teacher_dir, manifest, **{"data.seed": 1}),
                                       out, views=2, steps_per_shard=1)
   # A step cache cannot serve fixed views.
   steps = teacher_cache.write_teacher_cache(_cache_config(teacher_dir), tmp_path / "steps",
                                             num_steps=1, log=lambda m: None)
-  with pytest.raises(teacher_cache.TeacherCacheError, match="write a multi-view cache"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="write a multi-view cache"):
     teacher_cache_reader.TeacherCache(steps).check_config(
         _views_config(teacher_dir, manifest, **{"data.num_views": 2}), 1)
 
@@ -293,5 +299,5 @@ def test_trainer_reads_a_views_cache_in_place_of_the_teacher(teacher_dir, manife
 
   # Training without the views, or with others, is refused before step 1.
   config.data.num_views = None
-  with pytest.raises(teacher_cache.TeacherCacheError, match="--config.data.num_views=3"):
+  with pytest.raises(teacher_cache_format.TeacherCacheError, match="--config.data.num_views=3"):
     train.train(config, str(tmp_path / "no_views"))

@@ -1,7 +1,7 @@
 """Input pipelines: one config picks the source, every source yields the same batches.
 
     data.source = 'synthetic' | 'tfds' | 'manifest' | 'tfrecord' | 'webdataset' | 'folder'
-                  (default_data_config(); webdataset_source.py, folder_source.py)
+                  (defaults.py; webdataset_source.py, folder_source.py)
 
 Training batches (make_train_iterator) are this host's slice of the global batch:
     image           float32 [b, S, S, 3]  NHWC, CLIP-normalized (OpenAI mean/std)
@@ -57,132 +57,15 @@ the remainder, and carries the label where the data has one (plus class names fo
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import ml_collections
 import numpy as np
 
 from clipdistill_jax.data import preprocess
 from clipdistill_jax.data.batches import CorruptLimits, EvalDataset, caption_fn
+from clipdistill_jax.data.defaults import _DEFAULTS, PATH_SOURCES, check_views, resolve_data_config
 from clipdistill_jax.data.synthetic import SyntheticCaptions
-
-SOURCES = ("synthetic", "tfds", "manifest", "tfrecord", "webdataset", "folder")
-# Sources read from data.path (and data.eval_path for evaluation).
-PATH_SOURCES = ("manifest", "tfrecord", "webdataset", "folder")
-
-_DEFAULTS: dict[str, Any] = {
-    "source": "synthetic",
-    # tfds
-    "name": None,  # e.g. 'cifar10', 'coco_captions'
-    "split": "train",
-    "eval_split": "test",
-    "data_dir": None,  # where the prepared tfds data lives (nothing is ever downloaded)
-    # local files
-    # manifest (.jsonl/.csv/.tsv); TFRecord glob(s), comma-separated; webdataset .tar shards
-    # (braces and globs: 'shard-{00000..00099}.tar'); folder: ROOT with one subfolder a class
-    "path": None,
-    "eval_path": None,
-    # features / columns (None: the usual names, e.g. 'image'/'caption', img2dataset 'jpg'/'txt')
-    "image_key": None,
-    "caption_key": None,
-    "label_key": None,
-    # manifests (local.read_manifest): CSV/TSV quoting 'csv' | 'none' (None: 'none' for .tsv,
-    # as CC3M's are unquoted; 'csv' for .csv); bad rows: an error naming the line, or skipped
-    "manifest_quoting": None,
-    "skip_bad_rows": False,
-    "class_names": None,  # overrides the dataset's (needed for WordNet-id names)
-    "templates": ("a photo of a {}.",),  # label -> caption; zero-shot prompts
-    # order
-    "seed": 0,
-    "shuffle_buffer": 10_000,
-    # augmentation (training only; off by default: a flip contradicts "on the left" captions)
-    "crop_min_scale": 1.0,  # < 1: random square crop of at least this area fraction
-    "flip": False,
-    # None: a fresh crop/flip every read. K: K fixed augmented views per example, one per
-    # epoch (module docstring); what a multi-view teacher cache stores (teacher_cache.py)
-    "num_views": None,
-    # unreadable images; larger ones are skipped too (PIL's decompression-bomb limit; None or
-    # 0: no limit, 0 being what a command line can say)
-    "max_image_pixels": preprocess.DEFAULT_MAX_IMAGE_PIXELS,
-    # 'pil': decode and resize exactly as transformers' CLIPImageProcessor (PIL, run in
-    # Python); 'tf': tf.image decode + antialiased bicubic resize, all in TF's C++ threads
-    # (no GIL: faster where Python threads contend; up to 0.10 off in normalized units,
-    # 0.002 on average; preprocess.tf_fast_preprocess, README's Performance section)
-    "image_decoder": preprocess.DEFAULT_IMAGE_DECODER,
-    "max_corrupt_fraction": 0.5,
-    "corrupt_check_after": 200,
-    "max_consecutive_corrupt": 1000,
-    # how much training data: None = all of it (synthetic: an endless stream); N = only the
-    # first N examples (synthetic: of the stream; manifest: rows; tfrecord: records in sorted
-    # file order; tfds: split[:N]), read epoch after epoch in a fresh seeded order
-    "num_train_examples": None,
-    # synthetic
-    "num_eval_examples": 1024,
-    # tf.data performance
-    "num_parallel_calls": -1,  # tf.data.AUTOTUNE
-    "prefetch": 2,
-    "num_threads": None,  # tf.data threads per host (None: TF's default)
-}
-
-
-# Types of the knobs that default to None, so that the command line can set them
-# (`--config.data.path=...`): ml_collections refuses to override a plain None.
-_OPTIONAL_TYPES = {"name": str, "data_dir": str, "path": str, "eval_path": str,
-                   "image_key": str, "caption_key": str, "label_key": str,
-                   "manifest_quoting": str,
-                   "class_names": tuple, "num_threads": int, "num_train_examples": int,
-                   "num_views": int}
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """Every data knob with its default; configs override what they need."""
-  placeholder = ml_collections.config_dict.placeholder
-  return ml_collections.ConfigDict({
-      k: placeholder(_OPTIONAL_TYPES[k]) if v is None and k in _OPTIONAL_TYPES else v
-      for k, v in _DEFAULTS.items()})
-
-
-def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDict | None,
-                        ) -> types.SimpleNamespace:
-  """Defaults filled in and checked; unknown keys (typos) are an error."""
-  given = {} if data_config is None else (
-      data_config.to_dict() if isinstance(data_config, ml_collections.ConfigDict)
-      else dict(data_config))
-  unknown = sorted(set(given) - set(_DEFAULTS))
-  if unknown:
-    raise KeyError(f"Unknown data config keys {unknown}; known: {sorted(_DEFAULTS)}.")
-  cfg = types.SimpleNamespace(**{**_DEFAULTS, **given})
-  if cfg.source not in SOURCES:
-    raise ValueError(f"data.source={cfg.source!r}; choose one of {SOURCES}.")
-  if isinstance(cfg.templates, str):
-    cfg.templates = (cfg.templates,)
-  cfg.templates = tuple(cfg.templates)
-  for template in cfg.templates:
-    if "{}" not in template:
-      raise ValueError(f"data.templates entry {template!r} has no '{{}}' for the class name.")
-  if not cfg.templates:
-    raise ValueError("data.templates is empty; give at least one, e.g. 'a photo of a {}.'.")
-  if not 0.0 < cfg.crop_min_scale <= 1.0:
-    raise ValueError(f"data.crop_min_scale={cfg.crop_min_scale} must be in (0, 1].")
-  if cfg.num_train_examples is not None and cfg.num_train_examples < 1:
-    raise ValueError(f"data.num_train_examples={cfg.num_train_examples} must be >= 1 (or None "
-                     "for all of the data).")
-  if cfg.manifest_quoting not in (None, "none", "csv"):
-    raise ValueError(f"data.manifest_quoting={cfg.manifest_quoting!r}; choose 'none' "
-                     "(unquoted, as CC3M's TSVs), 'csv' (pandas / Python csv quoting) or None "
-                     "('none' for .tsv, 'csv' for .csv).")
-  preprocess.check_max_image_pixels(cfg.max_image_pixels, "data.max_image_pixels")
-  if cfg.image_decoder not in preprocess.IMAGE_DECODERS:
-    raise ValueError(f"data.image_decoder={cfg.image_decoder!r}; choose 'pil' (exact "
-                     "CLIPImageProcessor numbers) or 'tf' (faster, tf.image).")
-  if cfg.num_views is not None and cfg.num_views < 1:
-    raise ValueError(f"data.num_views={cfg.num_views} must be >= 1 (or None for a fresh "
-                     "augmentation every read).")
-  if cfg.source in PATH_SOURCES and not cfg.path:
-    raise ValueError(f"data.source={cfg.source!r} needs data.path.")
-  return cfg
 
 
 def _check_seed(cfg) -> None:
@@ -205,31 +88,6 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
   return int(process_index), int(process_count)
-
-
-def check_views(cfg) -> None:
-  """data.num_views needs a finite training set whose examples have fixed ids: a manifest, or
-  TFRecords with data.num_train_examples. Raises ValueError naming the fix otherwise."""
-  if cfg.num_views is None:
-    return
-  fix = None
-  if cfg.source == "synthetic":
-    fix = ("the synthetic source has no augmentation to fix; unset data.num_views")
-  elif cfg.source == "tfds":
-    fix = ("tfds streams carry no fixed example ids; write the split to TFRecords (with "
-           "data.num_train_examples) or a manifest, or unset data.num_views")
-  elif cfg.source == "webdataset":
-    fix = ("webdataset shards are not supported by the views writer yet; convert them to "
-           "TFRecords or a manifest, or unset data.num_views")
-  elif cfg.source == "folder":
-    fix = ("class folders are captioned by templates, not one fixed caption per example; "
-           "unset data.num_views")
-  elif cfg.source == "tfrecord" and cfg.num_train_examples is None:
-    fix = ("an unbounded TFRecord stream has no fixed example ids; set "
-           "data.num_train_examples (e.g. to the number of records)")
-  if fix:
-    raise ValueError(f"data.num_views={cfg.num_views} needs a finite training set with fixed "
-                     f"example ids (source={cfg.source!r}): {fix}.")
 
 
 def without_example_fields(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -370,10 +228,11 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
   hosts = dict(process_index=process_index, process_count=process_count)
   class_names = cfg.class_names
   if cfg.source == "manifest":
-    from clipdistill_jax.data import local
+    from clipdistill_jax.data import local, manifest
 
-    rows = local.read_manifest(cfg.path, image_key=cfg.image_key, caption_key=cfg.caption_key,
-                               quoting=cfg.manifest_quoting, skip_bad_rows=cfg.skip_bad_rows)
+    rows = manifest.read_manifest(cfg.path, image_key=cfg.image_key, caption_key=cfg.caption_key,
+                                  quoting=cfg.manifest_quoting,
+                                  skip_bad_rows=cfg.skip_bad_rows)
     records = local.manifest_train_records(rows, seed=cfg.seed, start_position=start_position,
                                            num_examples=cfg.num_train_examples, **hosts)
     where = cfg.path
@@ -453,10 +312,10 @@ def make_views_iterator(data_config, *, global_batch_size: int, image_size: int,
   if global_batch_size < process_count or global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                      f"process_count={process_count}.")
-  from clipdistill_jax.data import local, tf_pipeline
+  from clipdistill_jax.data import local, manifest, tf_pipeline
 
   if cfg.source == "manifest":
-    rows = local.read_manifest(cfg.path, image_key=cfg.image_key, caption_key=cfg.caption_key)
+    rows = manifest.read_manifest(cfg.path, image_key=cfg.image_key, caption_key=cfg.caption_key)
     records, total = local.manifest_example_records(rows, num_examples=cfg.num_train_examples,
                                                     start=start_example)
   else:
@@ -514,7 +373,7 @@ def make_eval_dataset(data_config, *, batch_size: int, image_size: int, context_
 
   class_names = cfg.class_names
   if cfg.source in PATH_SOURCES:
-    from clipdistill_jax.data import folder_source, local, webdataset_source
+    from clipdistill_jax.data import folder_source, local, manifest, webdataset_source
 
     path = split or cfg.eval_path
     if not path:
@@ -527,9 +386,9 @@ def make_eval_dataset(data_config, *, batch_size: int, image_size: int, context_
           webdataset_source.list_shards(path), image_key=cfg.image_key,
           caption_key=cfg.caption_key, **hosts), None
     elif cfg.source == "manifest":
-      rows = local.read_manifest(path, image_key=cfg.image_key, caption_key=cfg.caption_key,
-                                 label_key=cfg.label_key, quoting=cfg.manifest_quoting,
-                                 skip_bad_rows=cfg.skip_bad_rows)
+      rows = manifest.read_manifest(path, image_key=cfg.image_key, caption_key=cfg.caption_key,
+                                    label_key=cfg.label_key, quoting=cfg.manifest_quoting,
+                                    skip_bad_rows=cfg.skip_bad_rows)
       records, size = local.manifest_eval_records(rows, **hosts)
     else:
       files = local.list_tfrecords(path)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clipdistill_jax.data.pipeline import PATH_SOURCES
+from clipdistill_jax.data.defaults import PATH_SOURCES
 from clipdistill_jax.export.run_dir import RESULT_ROWS, config_value
 
 CARD_FILE = "README.md"

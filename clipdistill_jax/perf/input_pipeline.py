@@ -61,10 +61,10 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
   """Our trainer's iterator over spec['source'] ('manifest' | 'tfrecord') at spec['cpus']."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   _pin(spec["cpus"])
-  from clipdistill_jax.data import pipeline
+  from clipdistill_jax.data import defaults, pipeline
   from clipdistill_jax.data.tokenizer import load_tokenizer
 
-  cfg = pipeline.default_data_config()
+  cfg = defaults.default_data_config()
   cfg.source, cfg.path = spec["source"], spec["path"]
   cfg.num_threads = len(spec["cpus"])
   cfg.image_decoder = spec["image_decoder"]

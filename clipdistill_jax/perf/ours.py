@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from clipdistill_jax import run_builder, sharding, teacher_cache
+from clipdistill_jax import run_builder, sharding, teacher_cache_format
 from clipdistill_jax.models import hf
 from clipdistill_jax.perf import common
 
@@ -77,7 +77,7 @@ def _build(spec: dict[str, Any]) -> _Built:
   scale = None
   if cached:  # what the cache holds for this batch; then the teacher leaves the device
     # cached embeddings carry no logit scale: use the teacher's (as the cache does)
-    scale = teacher_cache.teacher_logit_scale(models.teacher_params)
+    scale = teacher_cache_format.teacher_logit_scale(models.teacher_params)
     teacher_params, _ = run_builder.place_teacher(models, mesh, config.mesh.rules)
     with jax.set_mesh(mesh):
       host_batch.update(cached_teacher_outputs(models.teacher, teacher_params, host_batch,
