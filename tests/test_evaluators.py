@@ -5,17 +5,7 @@ from tiny_models import tiny_distill_config
 
 from clipdistill_jax import run_builder, train
 from clipdistill_jax.eval import evaluators
-from clipdistill_jax.models import hf
-from clipdistill_jax.perf import benchmark
 from clipdistill_jax.writers import read_jsonl
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  config = benchmark.teacher_config_for("tiny")
-  path = tmp_path_factory.mktemp("teacher")
-  hf.save_pretrained(config, benchmark.random_params(config, 3), path)
-  return str(path)
 
 
 def _config(teacher_dir, **overrides):

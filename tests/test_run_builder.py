@@ -7,15 +7,6 @@ from tiny_models import tiny_distill_config
 
 from clipdistill_jax import run_builder
 from clipdistill_jax.models import hf
-from clipdistill_jax.perf import benchmark
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  config = benchmark.teacher_config_for("tiny")
-  path = tmp_path_factory.mktemp("teacher")
-  hf.save_pretrained(config, benchmark.random_params(config, 3), path)
-  return str(path)
 
 
 def _config(teacher_dir, **overrides):

@@ -22,8 +22,6 @@ from clipdistill_jax import (
 from clipdistill_jax.data import pipeline
 from clipdistill_jax.data.synthetic import SyntheticCaptions
 from clipdistill_jax.data.tokenizer import load_tokenizer
-from clipdistill_jax.models import hf
-from clipdistill_jax.perf import benchmark
 from clipdistill_jax.writers import read_jsonl
 
 
@@ -40,14 +38,6 @@ def assert_same_shard(got, want) -> None:
   for name, array in want[0].items():
     assert got[0][name].dtype == array.dtype
     np.testing.assert_array_equal(got[0][name], array, err_msg=name)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  config = benchmark.teacher_config_for("tiny")
-  path = tmp_path_factory.mktemp("teacher")
-  hf.save_pretrained(config, benchmark.random_params(config, 3), path)
-  return str(path)
 
 
 def _cache_config(teacher_dir, **overrides):
