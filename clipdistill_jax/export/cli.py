@@ -314,16 +314,23 @@ def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
 
 # --- moderate / classify -----------------------------------------------------------------------
 
+def _prompt_probabilities(args: argparse.Namespace, prompts: Sequence[str]
+                          ) -> tuple[OnnxCLIP, list[str], np.ndarray, list[tuple[str, str]]]:
+  """The model, the images that could be encoded, their softmax over `prompts` [n, len(prompts)]
+  and the (path, reason) pairs skipped: what classify and moderate both score."""
+  model = load_model(args)
+  embeddings, encoded, skipped = encode_images_or_fail(model, expand_image_args(args.images),
+                                                       args.batch_size, args.max_image_pixels)
+  return model, encoded, model.probabilities(embeddings, model.encode_texts(prompts)), skipped
+
+
 def cmd_moderate(args: argparse.Namespace) -> dict[str, Any]:
   if not 0 < args.threshold <= 1:
     raise CLIError(f"--threshold {args.threshold} is not a probability in (0, 1].")
   labels = parse_labels(args.labels, args.labels_file)
   neutral = split_list(args.neutral, "--neutral") if args.neutral else []
   prompts = prompts_for(labels, args.template) + neutral
-  model = load_model(args)
-  embeddings, encoded, skipped = encode_images_or_fail(model, expand_image_args(args.images),
-                                                       args.batch_size, args.max_image_pixels)
-  probs = model.probabilities(embeddings, model.encode_texts(prompts))
+  model, encoded, probs, skipped = _prompt_probabilities(args, prompts)
   results = []
   for path, row in zip(encoded, probs, strict=True):
     label_probs = {label: float(p) for label, p in zip(labels, row, strict=False)}
@@ -341,10 +348,7 @@ def cmd_classify(args: argparse.Namespace) -> dict[str, Any]:
     raise CLIError("--top-k must be at least 1.")
   labels = parse_labels(args.labels, args.labels_file)
   prompts = prompts_for(labels, args.template)
-  model = load_model(args)
-  embeddings, encoded, skipped = encode_images_or_fail(model, expand_image_args(args.images),
-                                                       args.batch_size, args.max_image_pixels)
-  probs = model.probabilities(embeddings, model.encode_texts(prompts))
+  model, encoded, probs, skipped = _prompt_probabilities(args, prompts)
   results = []
   for path, row in zip(encoded, probs, strict=True):
     top = np.argsort(-row, kind="stable")[:args.top_k]
