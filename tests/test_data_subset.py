@@ -48,6 +48,19 @@ def test_synthetic_subset_is_a_fresh_permutation_each_epoch(tokenizer):
                                 run[0]["image"])
 
 
+def test_a_synthetic_subset_held_in_memory_reads_what_rendering_each_time_reads(tokenizer,
+                                                                              monkeypatch):
+  config = {"source": "synthetic", "num_train_examples": 8, "seed": 3}
+  _, cached = batches(config, tokenizer, 6, batch=4)  # three epochs, rendered once
+  monkeypatch.setattr(pipeline, "_SYNTHETIC_CACHE_BYTES", 0)
+  it, rendered = batches(config, tokenizer, 6, batch=4)
+  assert it._cache is None
+  for a, b in zip(cached, rendered, strict=True):
+    for key in ("image", "input_ids", "attention_mask"):
+      np.testing.assert_array_equal(a[key], b[key])
+      assert a[key].dtype == b[key].dtype
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   return write_local_set(tmp_path_factory.mktemp("subset"), ROWS, render_size=SIZE, seed=11)

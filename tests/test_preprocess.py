@@ -118,6 +118,15 @@ def test_rejects_arrays_it_cannot_read():
   assert preprocess_images([], image_size=16).shape == (0, 16, 16, 3)
 
 
+def test_a_batch_at_the_model_size_is_normalized_exactly_like_one_image_at_a_time():
+  batch = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+  one_by_one = np.stack([preprocess_image(image, 16) for image in batch])
+  np.testing.assert_array_equal(preprocess_images(batch, 16), one_by_one)
+  # Other sizes still go through the resize and crop.
+  np.testing.assert_array_equal(preprocess_images(batch, 8),
+                                np.stack([preprocess_image(image, 8) for image in batch]))
+
+
 # ---------------------------------------------------------------- encoded bytes
 
 

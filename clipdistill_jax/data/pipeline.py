@@ -100,6 +100,9 @@ def without_example_fields(batch: Mapping[str, Any]) -> dict[str, Any]:
 # --- synthetic ------------------------------------------------------------------------------
 
 
+_SYNTHETIC_CACHE_BYTES = 2**30  # a fixed set of at most this many image bytes stays in memory
+
+
 class SyntheticTrainIterator:
   """Endless synthetic batches; step s, host p: global examples s*B + p*b + [0, b)."""
 
@@ -118,6 +121,14 @@ class SyntheticTrainIterator:
     self.class_names = synthetic.class_names
     self.num_read = int(num_read)
     self.num_skipped = 0  # rendered images never fail
+    # A fixed set is rendered and tokenized once, on first read, and then read from memory.
+    self._cache = None
+    size = synthetic.image_size
+    if num_examples is not None and num_examples * size * size * 3 <= _SYNTHETIC_CACHE_BYTES:
+      self._cache = dict(image=np.zeros((num_examples, size, size, 3), np.uint8),
+                         input_ids=np.zeros((num_examples, context_length), np.int32),
+                         attention_mask=np.zeros((num_examples, context_length), np.int32),
+                         done=np.zeros(num_examples, bool))
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
@@ -131,8 +142,19 @@ class SyntheticTrainIterator:
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
     first = step * self._global_batch_size + self._process_index * self.local_batch_size
     indices = self.example_indices(range(first, first + self.local_batch_size))
-    images, captions, _ = self._synthetic.examples(indices)
-    input_ids, attention_mask = self._tokenizer(captions, self._context_length)
+    if self._cache is None:
+      images, captions, _ = self._synthetic.examples(indices)
+      input_ids, attention_mask = self._tokenizer(captions, self._context_length)
+    else:
+      cache, indices = self._cache, np.asarray(indices)
+      todo = np.unique(indices[~cache["done"][indices]])
+      if todo.size:
+        images, captions, _ = self._synthetic.examples(todo)
+        cache["input_ids"][todo], cache["attention_mask"][todo] = self._tokenizer(
+            captions, self._context_length)
+        cache["image"][todo], cache["done"][todo] = images, True
+      images, input_ids, attention_mask = (
+          cache[k][indices] for k in ("image", "input_ids", "attention_mask"))
     return {"image": preprocess.preprocess_images(images, self._synthetic.image_size),
             "input_ids": input_ids, "attention_mask": attention_mask}
 
