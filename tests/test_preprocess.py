@@ -192,6 +192,19 @@ def test_tf_path_equals_numpy_path_and_flags_corrupt_images(photos):
   np.testing.assert_array_equal(image.numpy(), results[0][0])
 
 
+def test_tf_path_reads_files_itself_and_flags_the_unreadable(photos, tmp_path):
+  tf = pytest.importorskip("tensorflow")
+  good = tmp_path / "good.jpg"
+  good.write_bytes(_encode(photos["chelsea"], "JPEG"))
+  (tmp_path / "bad.jpg").write_bytes(b"garbage")
+  paths = [str(good), str(tmp_path / "bad.jpg"), str(tmp_path / "missing.jpg"), str(tmp_path)]
+  dataset = tf.data.Dataset.from_tensor_slices(paths).map(
+    lambda path: tf_preprocess(path, 32, from_path=True))
+  results = list(dataset.as_numpy_iterator())
+  np.testing.assert_array_equal([ok for _, ok in results], [True, False, False, False])
+  np.testing.assert_array_equal(results[0][0], decode_and_preprocess(good.read_bytes(), 32))
+
+
 # ---------------------------------------------------------------- HF preprocessor_config.json
 
 

@@ -268,14 +268,17 @@ def decode_and_preprocess(encoded: bytes, image_size: int = DEFAULT_IMAGE_SIZE,
 
 
 def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
-                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *,
+                  from_path: bool = False):
   """tf.data version: scalar tf.string -> (float32 [S, S, 3], bool ok).
 
   A corrupt image gives ok=False and zeros, so a pipeline can count and filter it rather than
   die mid-epoch; an image over max_image_pixels too, with a logged warning saying so (the
   first few times), since raising the limit fixes it. Runs the numpy path through
   tf.numpy_function: same numbers as decode_and_preprocess (PIL releases the GIL while
-  decoding and resizing).
+  decoding and resizing). from_path: `encoded_bytes` is a file path (local or any
+  tf.io.gfile filesystem), read in the same call; a file that cannot be read is ok=False too.
+  Never raises for the data, so a pipeline needs no per-element error guard.
   """
   import tensorflow as tf
 
@@ -284,8 +287,11 @@ def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
     if isinstance(encoded, np.ndarray):
       encoded = encoded.item()
     try:
+      if from_path:
+        with tf.io.gfile.GFile(encoded.decode(), "rb") as f:
+          encoded = f.read()
       return decode_and_preprocess(encoded, image_size, max_image_pixels), np.bool_(True)
-    except CorruptImageError as e:
+    except (CorruptImageError, OSError, tf.errors.OpError) as e:
       if isinstance(e, ImageTooLargeError):
         _warn_too_large(e)
       return np.zeros((image_size, image_size, 3), np.float32), np.bool_(False)
