@@ -278,8 +278,8 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
     from_path = "image_path" in record
     image_or_path = record["image_path"] if from_path else record["image"]
     if settings.image_decoder == "pil" and (from_path or image_or_path.dtype == tf.string):
-      # Reads and decodes in one Python call that never raises: no per-element guard, whose
-      # nested dataset costs about a millisecond per image.
+      # Reads and decodes in one Python call that never raises: no per-element guard (a
+      # nested dataset per image, ~5% of the CPU time of a 32 px manifest batch).
       image, ok = preprocess.tf_preprocess(image_or_path, size, settings.max_image_pixels,
                                            from_path=from_path)
     else:
