@@ -160,20 +160,18 @@ class StepClock:
     self._waited = 0.0
 
   @contextlib.contextmanager
-  def paused(self):
+  def _timed(self, counter: str):
     began = time.perf_counter()
     try:
       yield
     finally:
-      self._paused += time.perf_counter() - began
+      setattr(self, counter, getattr(self, counter) + time.perf_counter() - began)
 
-  @contextlib.contextmanager
+  def paused(self):
+    return self._timed("_paused")
+
   def waiting(self):
-    began = time.perf_counter()
-    try:
-      yield
-    finally:
-      self._waited += time.perf_counter() - began
+    return self._timed("_waited")
 
   def lap(self) -> tuple[float, float]:
     now = time.perf_counter()

@@ -242,10 +242,8 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
 
   def load(image_or_path, from_path: bool):
     encoded = tf.io.read_file(image_or_path) if from_path else image_or_path
-    if encoded.dtype == tf.string:
-      decode = (preprocess.tf_fast_preprocess if settings.image_decoder == "tf" else
-                preprocess.tf_preprocess)
-      return decode(encoded, size, settings.max_image_pixels)
+    if encoded.dtype == tf.string:  # the 'tf' decoder ('pil' needs no guard: decode below)
+      return preprocess.tf_fast_preprocess(encoded, size, settings.max_image_pixels)
     image = tf.numpy_function(lambda pixels: preprocess.preprocess_image(pixels, size),
                               [encoded], tf.float32, stateful=False)
     image.set_shape([size, size, 3])
