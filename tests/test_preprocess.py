@@ -205,6 +205,29 @@ def test_tf_path_reads_files_itself_and_flags_the_unreadable(photos, tmp_path):
   np.testing.assert_array_equal(results[0][0], decode_and_preprocess(good.read_bytes(), 32))
 
 
+def test_a_batch_of_files_decodes_in_one_call_like_each_file_alone(photos, tmp_path):
+  tf = pytest.importorskip("tensorflow")
+  good = tmp_path / "good.jpg"
+  good.write_bytes(_encode(photos["chelsea"], "JPEG"))
+  png = tmp_path / "good.png"
+  png.write_bytes(_encode(photos["camera_portrait"], "PNG"))
+  (tmp_path / "bad.jpg").write_bytes(b"garbage")
+  paths = [str(good), str(tmp_path / "bad.jpg"), str(png), str(tmp_path / "missing.jpg")]
+  singles = [tf_preprocess(tf.constant(p), 32, from_path=True) for p in paths]
+  images, ok = tf_preprocess(tf.constant(paths), 32, from_path=True)
+  assert images.shape == (4, 32, 32, 3) and ok.shape == (4,)
+  np.testing.assert_array_equal(ok.numpy(), [True, False, True, False])
+  for row, (image, single_ok) in enumerate(singles):
+    assert bool(single_ok) == bool(ok[row])
+    np.testing.assert_array_equal(images[row].numpy(), image.numpy())
+  # In a graph (tf.data), a batch of unknown size keeps its static image shape.
+  batched = tf.data.Dataset.from_tensor_slices(paths).batch(3).map(
+    lambda p: tf_preprocess(p, 32, from_path=True))
+  assert batched.element_spec[0].shape.as_list() == [None, 32, 32, 3]
+  rows = np.concatenate([image for image, _ in batched.as_numpy_iterator()])
+  np.testing.assert_array_equal(rows, images.numpy())
+
+
 # ---------------------------------------------------------------- HF preprocessor_config.json
 
 

@@ -270,32 +270,47 @@ def decode_and_preprocess(encoded: bytes, image_size: int = DEFAULT_IMAGE_SIZE,
 def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
                   max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *,
                   from_path: bool = False):
-  """tf.data version: scalar tf.string -> (float32 [S, S, 3], bool ok).
+  """tf.data version: tf.string -> (float32 [S, S, 3], bool ok) for a scalar, or a batch of
+  them, rank-1 [n] -> (float32 [n, S, S, 3], bool [n]), decoded in one Python call.
 
   A corrupt image gives ok=False and zeros, so a pipeline can count and filter it rather than
   die mid-epoch; an image over max_image_pixels too, with a logged warning saying so (the
   first few times), since raising the limit fixes it. Runs the numpy path through
   tf.numpy_function: same numbers as decode_and_preprocess (PIL releases the GIL while
-  decoding and resizing). from_path: `encoded_bytes` is a file path (local or any
+  decoding and resizing). from_path: `encoded_bytes` holds file paths (local or any
   tf.io.gfile filesystem), read in the same call; a file that cannot be read is ok=False too.
-  Never raises for the data, so a pipeline needs no per-element error guard.
+  Never raises for the data, so a pipeline needs no per-element error guard. A batch costs
+  one tf.numpy_function call (the GIL taken once, not n times): for small images that call's
+  overhead is most of the work (tf_pipeline.decode_records decodes PIL_DECODE_BATCH at once).
   """
   import tensorflow as tf
 
-  def _numpy_preprocess(encoded) -> tuple[np.ndarray, np.bool_]:
-    # Graph mode hands us `bytes`; eager mode a 0-d object array, whose bytes() is its buffer.
-    if isinstance(encoded, np.ndarray):
-      encoded = encoded.item()
+  def _one(encoded) -> tuple[np.ndarray, bool]:
     try:
       if from_path:
         with tf.io.gfile.GFile(encoded.decode(), "rb") as f:
           encoded = f.read()
-      return decode_and_preprocess(encoded, image_size, max_image_pixels), np.bool_(True)
+      return decode_and_preprocess(encoded, image_size, max_image_pixels), True
     except (CorruptImageError, OSError, tf.errors.OpError) as e:
       if isinstance(e, ImageTooLargeError):
         _warn_too_large(e)
-      return np.zeros((image_size, image_size, 3), np.float32), np.bool_(False)
+      return np.zeros((image_size, image_size, 3), np.float32), False
 
+  def _numpy_preprocess(encoded) -> tuple[np.ndarray, np.ndarray]:
+    # Graph mode hands a scalar over as `bytes`, eager mode as a 0-d object array; a batch
+    # comes as a 1-d object array of `bytes`.
+    if isinstance(encoded, np.ndarray) and encoded.ndim == 0:
+      encoded = encoded.item()
+    if isinstance(encoded, bytes):
+      image, ok = _one(encoded)
+      return image, np.bool_(ok)
+    results = [_one(item) for item in encoded]
+    images = np.zeros((len(results), image_size, image_size, 3), np.float32)
+    for row, (image, _) in enumerate(results):
+      images[row] = image
+    return images, np.asarray([ok for _, ok in results], bool)
+
+  encoded_bytes = tf.convert_to_tensor(encoded_bytes)
   image, ok = tf.numpy_function(
     _numpy_preprocess,
     [encoded_bytes],
@@ -303,8 +318,9 @@ def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
     stateful=False,
     name="clip_preprocess",
   )
-  image.set_shape([image_size, image_size, 3])
-  ok.set_shape([])
+  batch_shape = encoded_bytes.shape
+  image.set_shape(batch_shape.concatenate([image_size, image_size, 3]))
+  ok.set_shape(batch_shape)
   return image, ok
 
 
