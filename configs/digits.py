@@ -12,10 +12,14 @@ on the first data.num_train_examples of them, and the same student is trained wi
 teacher on exactly those. Zero-shot on the 500 held-out images, one folder per class,
 prompted with "a handwritten digit {}".
 
+The student and recipe are the demo's (4 x 64 vision tower, FD 200 + ICL, inherited
+weights, 500 steps): 95.4 +- 0.7% top-1 over 3 seeds, 99.6% of the teacher's 95.8%, 95.2%
+agreement, 15.7 points above the no-teacher student (README, "Ablation").
+
 Every stage trains on random square crops of at least 70% of the image (data.crop_min_scale;
 no flips: a mirrored digit is another glyph). On 300 images the augmentation is what lets the
-teacher's knowledge through: without it the distilled student reached 80% of its teacher
-(79.0% top-1), with it 97% of a stronger one (95.8%); README, "Ablation".
+teacher's knowledge through: the previous student (2 x 64 vision, clip_kd_inherit) kept 80%
+of a teacher trained without crops (79.0% top-1), and 97% of the one trained with them.
 
 The argument after the colon is the directory make_digits.py wrote.
 """
@@ -39,8 +43,8 @@ def get_config(data_dir: str = "/tmp/digits"):
                      crop_min_scale=0.7))
   c.experiment.teacher_steps = 800  # 79 epochs of the 1,297 training images
   c.train.total_steps = 500
-  c.ablation.update(dict(recipes=("article", "clip_kd", "affinity", "clip_kd_inherit"),
-                         steps=(500,), seeds=(0, 1, 2), baseline_steps=(250, 500)))
+  c.ablation.update(dict(recipes=("fd_icl_inherit:loss.weights.fd=200.0", "clip_kd_inherit"),
+                         steps=(500,), seeds=(0, 1, 2), baseline_steps=(500,)))
   c.eval.update(dict(zero_shot=(f"folder:{os.path.join(data_dir, 'test')}",),
                      templates="a handwritten digit {}", max_examples=500, batch_size=250,
                      retrieval=False))

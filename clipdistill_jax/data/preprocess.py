@@ -281,7 +281,7 @@ def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
   tf.io.gfile filesystem), read in the same call; a file that cannot be read is ok=False too.
   Never raises for the data, so a pipeline needs no per-element error guard. A batch costs
   one tf.numpy_function call (the GIL taken once, not n times): for small images that call's
-  overhead is most of the work (tf_pipeline.decode_records decodes PIL_DECODE_BATCH at once).
+  overhead is most of the work (tf_preprocess_records batches records for it).
   """
   import tensorflow as tf
 
@@ -322,6 +322,31 @@ def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
   image.set_shape(batch_shape.concatenate([image_size, image_size, 3]))
   ok.set_shape(batch_shape)
   return image, ok
+
+
+# Records decoded per Python call by tf_preprocess_records. One tf.numpy_function call per
+# image costs about as much CPU as decoding a small JPEG: the benchmark's loop (32 px, batch
+# 64, scripts/benchmark.py --variants=loop) ran at 0.31 of the bare step with one image per
+# call, and 0.42 / 0.51 / 0.49 with 8 / 16 / 32. On 224 px photos decoding dominates anyway.
+PIL_DECODE_BATCH = 16
+DECODED_IMAGE, DECODED_OK = "_decoded_image", "_decoded_ok"
+
+
+def tf_preprocess_records(records, key: str, image_size: int = DEFAULT_IMAGE_SIZE,
+                          max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *,
+                          from_path: bool = False, num_parallel_calls: int = -1):
+  """A tf.data dataset of record dicts -> the same records, each with DECODED_IMAGE (float32
+  [S, S, 3]) and DECODED_OK (bool) from tf_preprocess of record[key] (bytes, or a file path
+  with from_path), PIL_DECODE_BATCH records per Python call. The records are batched with
+  padded_batch on the way: rank-1 string fields of unequal length (several captions) come
+  back padded with "", which the caller must treat as no caption. Never raises for the data.
+  """
+  def decode(batch):
+    image, ok = tf_preprocess(batch[key], image_size, max_image_pixels, from_path=from_path)
+    return {**batch, DECODED_IMAGE: image, DECODED_OK: ok}
+
+  return records.padded_batch(PIL_DECODE_BATCH).map(
+      decode, num_parallel_calls=num_parallel_calls, deterministic=True).unbatch()
 
 
 def tf_fast_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,

@@ -126,13 +126,6 @@ class DecodeSettings:
 
 
 AUGMENTATION_COLUMNS = ("top", "left", "side", "flip")
-# Records decoded per Python call by the 'pil' decoder. One tf.numpy_function call per image
-# costs about as much CPU as decoding a small JPEG: the benchmark's loop (32 px, batch 64,
-# scripts/benchmark.py --variants=loop) ran at 0.31 of the bare step one image per call, and
-# 0.42 / 0.51 / 0.49 with 8 / 16 / 32 per call. On 224 px photos decoding dominates whatever
-# the number.
-PIL_DECODE_BATCH = 16
-DECODED_IMAGE, DECODED_OK = "_decoded_image", "_decoded_ok"
 # Per-example fields of training batches besides the model inputs (data.num_views only).
 EXAMPLE_FIELDS = ("example_id", "view", "augmentation")
 
@@ -283,20 +276,14 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
   image_key = "image_path" if from_path else "image"
   if settings.image_decoder == "pil" and (
       from_path or records.element_spec[image_key].dtype == tf.string):
-    # PIL_DECODE_BATCH records at a time: their files read and decoded in one Python call
-    # that never raises (no per-element guard), then split into records again. Captions of
-    # unequal count are padded with "" for the batch, and empty captions are dropped below.
-    def predecode(batch):
-      image, ok = preprocess.tf_preprocess(batch[image_key], size, settings.max_image_pixels,
-                                           from_path=from_path)
-      return {**batch, DECODED_IMAGE: image, DECODED_OK: ok}
-
-    records = records.padded_batch(PIL_DECODE_BATCH).map(
-        predecode, num_parallel_calls=num_parallel_calls, deterministic=True).unbatch()
+    # PIL_DECODE_BATCH records per Python call, which never raises: no per-element guard.
+    records = preprocess.tf_preprocess_records(
+        records, image_key, size, settings.max_image_pixels, from_path=from_path,
+        num_parallel_calls=num_parallel_calls)
 
   def decode(record: dict[str, Any]) -> dict[str, Any]:
-    if DECODED_IMAGE in record:
-      image, ok = record.pop(DECODED_IMAGE), record.pop(DECODED_OK)
+    if preprocess.DECODED_IMAGE in record:
+      image, ok = record.pop(preprocess.DECODED_IMAGE), record.pop(preprocess.DECODED_OK)
     else:
       image, ok = guarded_load(record[image_key], from_path)
     seed = tf.stack([tf.constant(settings.seed, tf.int64),
