@@ -58,6 +58,8 @@ class DamagedCheckpointError(CheckpointError):
 class CheckpointSaveError(CheckpointError):
   """A save failed (e.g. the disk is full); the message names the last intact checkpoint."""
 
+  starts_fresh_line = True  # tensorstore may still be printing its callbacks' tracebacks
+
 
 class NonFiniteStateError(CheckpointError, FloatingPointError):
   """Params or optimizer state hold NaN/inf at a save step; nothing was saved."""

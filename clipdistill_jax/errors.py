@@ -19,7 +19,14 @@ TRACEBACK_ENV = "CLIPDISTILL_TRACEBACK"
 
 
 class UserError(Exception):
-  """A mistake the user can fix; the message names the thing and the fix."""
+  """A mistake the user can fix; the message names the thing and the fix.
+
+  starts_fresh_line: other threads may still be writing to stderr when it is reported (a
+  failed background save: orbax's and tensorstore's threads), so the report begins with a
+  newline and cannot continue a line of theirs.
+  """
+
+  starts_fresh_line = False
 
 
 # Missing / existing files are the user's to fix wherever they surface.
@@ -43,7 +50,10 @@ def report(error: BaseException, prog: str | None = None) -> int:
   it instead when CLIPDISTILL_TRACEBACK=1. For entry points that return their status."""
   if show_traceback():
     raise error
-  print("\n".join(error_lines(error, prog)), file=sys.stderr, flush=True)
+  text = "".join(line + "\n" for line in error_lines(error, prog))
+  # One write: a thread printing to stderr meanwhile cannot split the lines.
+  sys.stderr.write("\n" + text if getattr(error, "starts_fresh_line", False) else text)
+  sys.stderr.flush()
   return 1
 
 

@@ -250,9 +250,8 @@ def check_failed_save(code, log, workdir, errno_text):
   """One 'error:' line naming the failed save, the cause, the intact checkpoint and what
   to do; no traceback; stopped before the next save; older checkpoints intact."""
   assert code == 1, tail(log)
-  # tensorstore's threads may still be printing an "Event loop is closed" traceback (below)
-  # when the error is printed: its next line's indentation can land just before it.
-  errors = [line.lstrip() for line in log.splitlines() if line.lstrip().startswith("error: ")]
+  # On a line of its own, though tensorstore's threads may still be printing tracebacks.
+  errors = [line for line in log.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1, tail(log, 80)
   message = errors[0]
   tracebacks = log.count("Traceback")

@@ -25,6 +25,13 @@ def test_boundary_prints_user_errors_and_passes_bugs(capsys, monkeypatch):
     with errors.boundary("tool"):
       raise FileNotFoundError("no such file x")
   assert capsys.readouterr().err == "tool: error: no such file x\n"
+  # A failed background save is reported while other threads may still print: it starts on
+  # a line of its own.
+  from clipdistill_jax.checkpoints import CheckpointSaveError
+  with pytest.raises(SystemExit):
+    with errors.boundary():
+      raise CheckpointSaveError("saving checkpoint 10 failed")
+  assert capsys.readouterr().err == "\nerror: saving checkpoint 10 failed\n"
   with pytest.raises(KeyError):  # a bug: its traceback, untouched
     with errors.boundary():
       raise KeyError("bug")
