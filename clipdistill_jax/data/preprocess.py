@@ -304,11 +304,11 @@ def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
     if isinstance(encoded, bytes):
       image, ok = _one(encoded)
       return image, np.bool_(ok)
-    results = [_one(item) for item in encoded]
-    images = np.zeros((len(results), image_size, image_size, 3), np.float32)
-    for row, (image, _) in enumerate(results):
-      images[row] = image
-    return images, np.asarray([ok for _, ok in results], bool)
+    images = np.zeros((len(encoded), image_size, image_size, 3), np.float32)
+    ok = np.zeros(len(encoded), bool)
+    for row, item in enumerate(encoded):
+      images[row], ok[row] = _one(item)
+    return images, ok
 
   encoded_bytes = tf.convert_to_tensor(encoded_bytes)
   image, ok = tf.numpy_function(
