@@ -3,7 +3,9 @@ used when the latest is damaged (the damaged one kept aside, never deleted or ov
 a stop with one line when none is intact, no non-finite state ever saved.
 
 Damage is real: bytes flipped and files removed or truncated in checkpoints that a tiny
-training run (configs/tiny_train.py, 10 steps, a checkpoint every 5) wrote.
+training run (configs/tiny_train.py, 10 steps, a checkpoint every 5) wrote, aimed at the
+stored bytes of the student's largest array (found through the checkpoint's own OCDBT store),
+so that it lands on what every reader reads whichever data file the writer put them in.
 """
 
 import hashlib
@@ -57,18 +59,54 @@ def copy_run(trained, tmp_path) -> Path:
   return workdir
 
 
-def data_files(step_dir: Path) -> list[Path]:
-  """The checkpoint's array data files (OCDBT), largest first."""
+def _student_kvstore(step_dir: Path):
+  """The checkpoint's OCDBT key-value store, opened fresh (no cache shared with orbax)."""
+  import tensorstore as ts
+
+  return ts.KvStore.open({"driver": "ocdbt", "base": f"file://{step_dir / 'state'}/"},
+                         context=ts.Context()).result()
+
+
+def student_bytes(step_dir: Path) -> tuple[bytes, bytes, list[tuple[Path, int]]]:
+  """(key, stored bytes, [(data file, offset)]) of the student's largest stored array chunk
+  (zstd-compressed; the token embedding): bytes that exporting the student reads. Damage
+  aimed there is seen by every reader, whichever data files the writer's threads filled."""
+  kv = _student_kvstore(step_dir)
+  keys = [k for k in kv.list().result()
+          if k.startswith(b"params.student.") and not k.endswith(b"/.zarray")]
+  values = {k: kv.read(k).result().value for k in keys}
+  key = max(values, key=lambda k: len(values[k]))
+  value = values[key]
   files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
-  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+  where = [(p, p.read_bytes().find(value)) for p in files]
+  where = [(p, offset) for p, offset in where if offset >= 0]
+  assert len(value) > 4096 and where, f"{key!r} not found in the data files of {step_dir}"
+  return key, value, where
 
 
-def flip_bytes(path: Path, count: int = 64) -> None:
-  data = bytearray(path.read_bytes())
-  middle = len(data) // 2
-  for i in range(middle, middle + count):
-    data[i] ^= 0xFF
-  path.write_bytes(bytes(data))
+def flip_bytes(step_dir: Path, count: int = 64) -> None:
+  """Inverts `count` bytes in the middle of the student's largest stored array, wherever it
+  lies, and checks that the store now reads other bytes there (the damage landed)."""
+  key, value, where = student_bytes(step_dir)
+  for path, offset in where:
+    data = bytearray(path.read_bytes())
+    middle = offset + len(value) // 2
+    for i in range(middle, middle + count):
+      data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+  assert _student_kvstore(step_dir).read(key).result().value != value
+
+
+def truncate_student_file(step_dir: Path) -> None:
+  """Cuts the data file holding the student's largest array in the middle of that array."""
+  _, value, where = student_bytes(step_dir)
+  for path, offset in where:
+    path.write_bytes(path.read_bytes()[: offset + len(value) // 2])
+
+
+def remove_student_file(step_dir: Path) -> None:
+  for path, _ in student_bytes(step_dir)[2]:
+    path.unlink()
 
 
 def truncate(path: Path) -> None:
@@ -80,9 +118,9 @@ def remove(path: Path) -> None:
 
 
 DAMAGE = {
-    "64 bytes flipped in an array file": lambda d: flip_bytes(data_files(d)[0]),
-    "an array file truncated": lambda d: truncate(data_files(d)[0]),
-    "an array file deleted": lambda d: remove(data_files(d)[0]),
+    "64 bytes flipped in an array file": flip_bytes,
+    "an array file truncated": truncate_student_file,
+    "an array file deleted": remove_student_file,
     "_METADATA deleted": lambda d: remove(d / "state" / "_METADATA"),
     "manifest.ocdbt deleted": lambda d: remove(d / "state" / "manifest.ocdbt"),
     "state/ deleted": lambda d: remove(d / "state"),
@@ -168,7 +206,7 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(trained, abstract_stat
 def test_no_intact_checkpoint_stops_and_moves_nothing(trained, abstract_state, tmp_path):
   workdir = copy_run(trained, tmp_path)
   for step in (1, EVERY, STEPS):
-    flip_bytes(data_files(workdir / "checkpoints" / str(step))[0])
+    flip_bytes(workdir / "checkpoints" / str(step))
   before = tree_digest(workdir / "checkpoints")
   manager = checkpoints.make_manager(workdir, save_every=EVERY, keep=5)
   with pytest.raises(checkpoints.DamagedCheckpointError) as error:
@@ -185,7 +223,7 @@ def test_no_intact_checkpoint_stops_and_moves_nothing(trained, abstract_state, t
 def test_run_resumes_from_the_newest_intact_checkpoint(trained, tmp_path):
   workdir = copy_run(trained, tmp_path)
   latest = workdir / "checkpoints" / str(STEPS)
-  flip_bytes(data_files(latest)[0])
+  flip_bytes(latest)
   damaged = tree_digest(latest)
   # Same command: resumes from step 5, retrains 6..10 and saves step 10 anew, equal to the
   # uninterrupted run's (the damaged one moved aside, not overwritten).
