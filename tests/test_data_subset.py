@@ -1,8 +1,11 @@
 """data.num_train_examples: training on a fixed subset, epoch after epoch, for every source."""
 
+import collections
+import json
+
 import numpy as np
 import pytest
-from test_data import SIZE, row_ids, write_local_set
+from test_data import SIZE, row_ids, write_jsonl, write_local_set
 
 from clipdistill_jax.data import pipeline, preprocess
 from clipdistill_jax.data.synthetic import SyntheticCaptions
@@ -59,6 +62,55 @@ def test_a_synthetic_subset_held_in_memory_reads_what_rendering_each_time_reads(
     for key in ("image", "input_ids", "attention_mask"):
       np.testing.assert_array_equal(a[key], b[key])
       assert a[key].dtype == b[key].dtype
+
+
+def test_a_local_set_held_in_memory_reads_what_decoding_each_time_reads(tmp_path, tokenizer,
+                                                                      monkeypatch):
+  """data.decoded_cache_mb: each good image of a manifest is decoded once in three epochs,
+  the batches are those of decoding at every read (crops and flips included), and a broken
+  file is still read, and counted, every epoch."""
+  root, _, _ = write_local_set(tmp_path, ROWS, render_size=48, seed=5)  # resized to SIZE
+  (root / "broken.png").write_bytes(b"not an image")
+  rows = [json.loads(line) for line in (root / "m.jsonl").read_text().splitlines()]
+  write_jsonl(root / "m2.jsonl", [*rows, {"image": "broken.png", "caption": "a broken file"}])
+  decoded = collections.Counter()
+  decode_image = preprocess.decode_image
+
+  def counting_decode(encoded, *args, **kwargs):
+    decoded[bytes(encoded)] += 1
+    return decode_image(encoded, *args, **kwargs)
+
+  monkeypatch.setattr(preprocess, "decode_image", counting_decode)
+  config = {"source": "manifest", "path": str(root / "m2.jsonl"), "seed": 3,
+            "crop_min_scale": 0.6, "flip": True, "num_parallel_calls": 1}
+  runs = {}
+  for cache_mb in (1024, 0):
+    decoded.clear()
+    it, run = batches({**config, "decoded_cache_mb": cache_mb}, tokenizer, 6, batch=5)
+    runs[cache_mb] = run, dict(decoded), it.num_skipped
+    it.close()
+  (cached, cached_decodes, cached_skipped), (each, each_decodes, each_skipped) = runs[1024], runs[0]
+  for a, b in zip(cached, each, strict=True):
+    for key in ("image", "input_ids", "attention_mask"):
+      np.testing.assert_array_equal(a[key], b[key])
+  broken = b"not an image"
+  assert cached_skipped == each_skipped >= 2  # 30 good examples: the broken one read 2-3 times
+  assert cached_decodes.pop(broken) >= 2 and each_decodes.pop(broken) >= 2
+  assert len(cached_decodes) == len(each_decodes) == ROWS
+  assert set(cached_decodes.values()) == {1} and min(each_decodes.values()) >= 2
+
+
+def test_decoded_image_cache_keeps_what_fits():
+  cache = preprocess.DecodedImageCache(max_bytes=2 * 16 * 16 * 3)
+  pixels = [np.full((16, 16, 3), i, np.uint8) for i in range(3)]
+  for i, image in enumerate(pixels):
+    cache.put(i, image)
+  assert len(cache) == 2 and cache.nbytes == 2 * 16 * 16 * 3
+  np.testing.assert_array_equal(cache.get(1), pixels[1])
+  assert cache.get(2) is None
+  assert (cache.hits, cache.misses) == (1, 1)
+  with pytest.raises(ValueError, match=r"data.decoded_cache_mb=-1 must be .* >= 0"):
+    pipeline.resolve_data_config({"decoded_cache_mb": -1})
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,11 @@ _DEFAULTS: dict[str, Any] = {
     # (no GIL: faster where Python threads contend; up to 0.10 off in normalized units,
     # 0.002 on average; preprocess.tf_fast_preprocess, README's Performance section)
     "image_decoder": preprocess.DEFAULT_IMAGE_DECODER,
+    # training on a finite set (manifest, class folder, TFRecords with num_train_examples) with
+    # the 'pil' decoder: keep up to this many MiB of decoded images (uint8 S x S x 3, 147 KiB
+    # each at 224 px) in memory, so that later epochs skip decoding them; same pixels, bit
+    # for bit. 0: decode every read.
+    "decoded_cache_mb": 1024,
     "max_corrupt_fraction": 0.5,
     "corrupt_check_after": 200,
     "max_consecutive_corrupt": 1000,
@@ -122,6 +127,10 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
   if cfg.image_decoder not in preprocess.IMAGE_DECODERS:
     raise ValueError(f"data.image_decoder={cfg.image_decoder!r}; choose 'pil' (exact "
                      "CLIPImageProcessor numbers) or 'tf' (faster, tf.image).")
+  if (isinstance(cfg.decoded_cache_mb, bool) or not isinstance(cfg.decoded_cache_mb, int)
+      or cfg.decoded_cache_mb < 0):
+    raise ValueError(f"data.decoded_cache_mb={cfg.decoded_cache_mb!r} must be a whole number of "
+                     "MiB >= 0 (0: decode every image at every read).")
   if cfg.num_views is not None and cfg.num_views < 1:
     raise ValueError(f"data.num_views={cfg.num_views} must be >= 1 (or None for a fresh "
                      "augmentation every read).")

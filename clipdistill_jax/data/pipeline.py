@@ -299,7 +299,8 @@ def make_train_iterator(data_config, *, global_batch_size: int, image_size: int,
   settings = tf_pipeline.DecodeSettings(
       image_size=image_size, seed=cfg.seed, train=True, num_templates=len(cfg.templates),
       crop_min_scale=cfg.crop_min_scale, flip=cfg.flip, max_image_pixels=cfg.max_image_pixels,
-      num_views=cfg.num_views, image_decoder=cfg.image_decoder, **hosts)
+      num_views=cfg.num_views, image_decoder=cfg.image_decoder,
+      decoded_cache_bytes=cfg.decoded_cache_mb * 2**20, **hosts)
   batches = tf_pipeline.train_batches(
       records, settings, batch_size=local_batch_size, limits=_limits(cfg),
       num_parallel_calls=cfg.num_parallel_calls, prefetch=cfg.prefetch,

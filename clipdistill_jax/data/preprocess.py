@@ -146,8 +146,10 @@ def resized_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
   return (new_long, image_size) if width <= height else (image_size, new_long)
 
 
-def preprocess_image(image: ImageLike, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
-  """One image (PIL, or uint8 [H, W(, C)] array) -> normalized float32 [S, S, 3]."""
+def clip_pixels(image: ImageLike, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+  """One image (PIL, or uint8 [H, W(, C)] array) -> uint8 [S, S, 3]: RGB, the short side
+  resized to S with PIL bicubic, center-cropped (CLIPImageProcessor's steps before rescaling).
+  Raises ValueError for an image without pixels."""
   pixels = _rgb_pixels(image)
   height, width = pixels.shape[:2]
   if height == 0 or width == 0:
@@ -158,11 +160,19 @@ def preprocess_image(image: ImageLike, image_size: int = DEFAULT_IMAGE_SIZE) -> 
   )
   resized = np.asarray(resized)
   top, left = (new_height - image_size) // 2, (new_width - image_size) // 2
-  cropped = resized[top : top + image_size, left : left + image_size]
-  scaled = (cropped.astype(np.float64) * RESCALE_FACTOR).astype(np.float32)
-  mean = np.asarray(OPENAI_MEAN, np.float32)
-  std = np.asarray(OPENAI_STD, np.float32)
-  return (scaled - mean) / std
+  return resized[top : top + image_size, left : left + image_size]
+
+
+def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
+  """uint8 [..., 3] -> float32: x * (1/255) in float64, cast to float32, then (x - mean) / std
+  in float32 (CLIPImageProcessor's rescale and normalize), element by element."""
+  scaled = (pixels.astype(np.float64) * RESCALE_FACTOR).astype(np.float32)
+  return (scaled - np.asarray(OPENAI_MEAN, np.float32)) / np.asarray(OPENAI_STD, np.float32)
+
+
+def preprocess_image(image: ImageLike, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+  """One image (PIL, or uint8 [H, W(, C)] array) -> normalized float32 [S, S, 3]."""
+  return normalize_pixels(clip_pixels(image, image_size))
 
 
 def preprocess_images(
@@ -178,9 +188,41 @@ def preprocess_images(
     return np.zeros((0, image_size, image_size, 3), np.float32)
   if (isinstance(images, np.ndarray) and images.dtype == np.uint8
       and images.shape[1:] == (image_size, image_size, 3)):
-    scaled = (images.astype(np.float64) * RESCALE_FACTOR).astype(np.float32)
-    return (scaled - np.asarray(OPENAI_MEAN, np.float32)) / np.asarray(OPENAI_STD, np.float32)
+    return normalize_pixels(images)
   return np.stack([preprocess_image(image, image_size) for image in images])
+
+
+class DecodedImageCache:
+  """A finite training set's decoded images in memory: uint8 [S, S, 3] (clip_pixels, before
+  normalization) by example id, up to `max_bytes` (data.decoded_cache_mb), so that every
+  epoch after the first decodes only what did not fit. Images that failed to decode are not
+  kept (they are read, and counted as skipped, again each epoch). What comes out is bit for
+  bit what decoding gives. Safe to share between tf.data's threads."""
+
+  def __init__(self, max_bytes: int):
+    self.max_bytes = int(max_bytes)
+    self.nbytes = 0
+    self.hits = self.misses = 0
+    self._pixels: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+
+  def get(self, example_id: int) -> np.ndarray | None:
+    pixels = self._pixels.get(example_id)
+    with self._lock:
+      if pixels is None:
+        self.misses += 1
+      else:
+        self.hits += 1
+    return pixels
+
+  def put(self, example_id: int, pixels: np.ndarray) -> None:
+    with self._lock:
+      if example_id not in self._pixels and self.nbytes + pixels.nbytes <= self.max_bytes:
+        self._pixels[example_id] = np.array(pixels, copy=True)  # not a view of a larger image
+        self.nbytes += pixels.nbytes
+
+  def __len__(self) -> int:
+    return len(self._pixels)
 
 
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -269,7 +311,8 @@ def decode_and_preprocess(encoded: bytes, image_size: int = DEFAULT_IMAGE_SIZE,
 
 def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
                   max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *,
-                  from_path: bool = False):
+                  from_path: bool = False, example_ids=None,
+                  cache: DecodedImageCache | None = None):
   """tf.data version: tf.string -> (float32 [S, S, 3], bool ok) for a scalar, or a batch of
   them, rank-1 [n] -> (float32 [n, S, S, 3], bool [n]), decoded in one Python call.
 
@@ -282,6 +325,8 @@ def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
   Never raises for the data, so a pipeline needs no per-element error guard. A batch costs
   one tf.numpy_function call (the GIL taken once, not n times): for small images that call's
   overhead is most of the work (tf_preprocess_records batches records for it).
+  With `cache` and `example_ids` (int64, the shape of encoded_bytes), images are looked up
+  by example id first, and decoded ones kept there (DecodedImageCache).
   """
   import tensorflow as tf
 
@@ -290,30 +335,42 @@ def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
       if from_path:
         with tf.io.gfile.GFile(encoded.decode(), "rb") as f:
           encoded = f.read()
-      return decode_and_preprocess(encoded, image_size, max_image_pixels), True
+      return clip_pixels(decode_image(encoded, max_image_pixels), image_size), True
     except (CorruptImageError, OSError, tf.errors.OpError) as e:
       if isinstance(e, ImageTooLargeError):
         _warn_too_large(e)
-      return np.zeros((image_size, image_size, 3), np.float32), False
+      return np.zeros((image_size, image_size, 3), np.uint8), False
 
-  def _numpy_preprocess(encoded) -> tuple[np.ndarray, np.ndarray]:
+  def _cached(encoded, example_id) -> tuple[np.ndarray, bool]:
+    pixels = cache.get(int(example_id))
+    if pixels is not None:
+      return pixels, True
+    pixels, ok = _one(encoded)
+    if ok:
+      cache.put(int(example_id), pixels)
+    return pixels, ok
+
+  def _numpy_preprocess(encoded, *example_ids) -> tuple[np.ndarray, np.ndarray]:
     # Graph mode hands a scalar over as `bytes`, eager mode as a 0-d object array; a batch
     # comes as a 1-d object array of `bytes`.
-    if isinstance(encoded, np.ndarray) and encoded.ndim == 0:
-      encoded = encoded.item()
-    if isinstance(encoded, bytes):
-      image, ok = _one(encoded)
-      return image, np.bool_(ok)
-    images = np.zeros((len(encoded), image_size, image_size, 3), np.float32)
+    scalar = not isinstance(encoded, np.ndarray) or encoded.ndim == 0
+    encoded = np.reshape(np.asarray(encoded, dtype=object), [-1])
+    pixels = np.zeros((len(encoded), image_size, image_size, 3), np.uint8)
     ok = np.zeros(len(encoded), bool)
-    for row, item in enumerate(encoded):
-      images[row], ok[row] = _one(item)
-    return images, ok
+    ids = np.reshape(example_ids[0], [-1]) if example_ids else [None] * len(encoded)
+    for row, (item, example_id) in enumerate(zip(encoded, ids, strict=True)):
+      pixels[row], ok[row] = _one(item) if example_id is None else _cached(item, example_id)
+    # Undecodable images come out as zeros, not as the normalized black.
+    images = np.where(ok[:, None, None, None], normalize_pixels(pixels), np.float32(0))
+    return (images[0], ok[0]) if scalar else (images, ok)
 
   encoded_bytes = tf.convert_to_tensor(encoded_bytes)
+  inputs = [encoded_bytes]
+  if cache is not None and example_ids is not None:
+    inputs.append(tf.convert_to_tensor(example_ids, tf.int64))
   image, ok = tf.numpy_function(
     _numpy_preprocess,
-    [encoded_bytes],
+    inputs,
     [tf.float32, tf.bool],
     stateful=False,
     name="clip_preprocess",
@@ -334,15 +391,22 @@ DECODED_IMAGE, DECODED_OK = "_decoded_image", "_decoded_ok"
 
 def tf_preprocess_records(records, key: str, image_size: int = DEFAULT_IMAGE_SIZE,
                           max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *,
-                          from_path: bool = False, num_parallel_calls: int = -1):
+                          from_path: bool = False, num_parallel_calls: int = -1,
+                          cache: DecodedImageCache | None = None):
   """A tf.data dataset of record dicts -> the same records, each with DECODED_IMAGE (float32
   [S, S, 3]) and DECODED_OK (bool) from tf_preprocess of record[key] (bytes, or a file path
   with from_path), PIL_DECODE_BATCH records per Python call. The records are batched with
   padded_batch on the way: rank-1 string fields of unequal length (several captions) come
   back padded with "", which the caller must treat as no caption. Never raises for the data.
+  `cache`: images looked up and kept by the records' example_id (records without one are
+  always decoded).
   """
+  by_id = cache is not None and "example_id" in records.element_spec
+
   def decode(batch):
-    image, ok = tf_preprocess(batch[key], image_size, max_image_pixels, from_path=from_path)
+    image, ok = tf_preprocess(batch[key], image_size, max_image_pixels, from_path=from_path,
+                              example_ids=batch["example_id"] if by_id else None,
+                              cache=cache if by_id else None)
     return {**batch, DECODED_IMAGE: image, DECODED_OK: ok}
 
   return records.padded_batch(PIL_DECODE_BATCH).map(

@@ -123,6 +123,9 @@ class DecodeSettings:
   num_views: int | None = None  # K fixed augmented views per example (module docstring)
   all_views: bool = False  # every view of each example at once (the teacher cache writer)
   image_decoder: str = preprocess.DEFAULT_IMAGE_DECODER  # 'pil' | 'tf' (data.image_decoder)
+  # Training with the 'pil' decoder on records with example ids (a finite set): decoded
+  # images kept in memory up to this many bytes (data.decoded_cache_mb; 0: none).
+  decoded_cache_bytes: int = 0
 
 
 AUGMENTATION_COLUMNS = ("top", "left", "side", "flip")
@@ -277,9 +280,13 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
   if settings.image_decoder == "pil" and (
       from_path or records.element_spec[image_key].dtype == tf.string):
     # PIL_DECODE_BATCH records per Python call, which never raises: no per-element guard.
+    # Training epochs over a finite set read the same images again: decode each once.
+    cache = (preprocess.DecodedImageCache(settings.decoded_cache_bytes)
+             if settings.train and settings.decoded_cache_bytes > 0 and not settings.all_views
+             else None)
     records = preprocess.tf_preprocess_records(
         records, image_key, size, settings.max_image_pixels, from_path=from_path,
-        num_parallel_calls=num_parallel_calls)
+        num_parallel_calls=num_parallel_calls, cache=cache)
 
   def decode(record: dict[str, Any]) -> dict[str, Any]:
     if preprocess.DECODED_IMAGE in record:
