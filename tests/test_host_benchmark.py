@@ -131,6 +131,30 @@ def test_input_figures_are_per_core_and_against_the_peer_at_the_same_cores():
   assert "tfrecord_tf_2core" not in figures["ratio_vs_peer"]
 
 
+def test_input_benchmark_decodes_every_read_but_times_a_later_epoch_from_the_cache(tmp_path):
+  specs = []
+
+  def run_child(module, spec):
+    assert module == "clipdistill_jax.perf.input_pipeline"
+    specs.append(spec)
+    return {"images_per_s": 100.0, "images_per_cpu_s": 100.0}
+
+  result = host.run_input(run_child, root=tmp_path, batch_size=8, image_size=32,
+                          context_length=16, num_images=20, jpeg_size=(40, 30), cores=1,
+                          decoders=("pil", "tf"), batches=2, warmup_batches=1,
+                          log=lambda line: None, repeats=1)
+  by_name = {spec["name"]: spec for spec in specs}
+  ours = [spec for spec in specs if spec["side"] == "ours"]
+  assert len(ours) == 5  # manifest and TFRecords with each decoder, and the cached epoch
+  cached = by_name.pop("input_manifest_pil_cached_1core")
+  # One whole epoch (20 images in batches of 8: 3 batches) read before the timed batches,
+  # with the default data.decoded_cache_mb; every other run decodes every image it reads.
+  assert cached["warmup_batches"] == 1 + 3 and "decoded_cache_mb" not in cached
+  assert all(spec["decoded_cache_mb"] == 0 and spec["warmup_batches"] == 1
+             for spec in by_name.values() if spec["side"] == "ours")
+  assert result["ratio_vs_peer"]["manifest_pil_cached_1core"] == 1.0
+
+
 def test_bf16_slower_than_fp32_warns_naming_the_knob():
   results = {"bf16_teacher": {"device_kind": "cpu"}, "bf16": {"device_kind": "cpu"}}
   warnings = benchmark.precision_warnings(

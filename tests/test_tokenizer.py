@@ -271,3 +271,26 @@ def test_save_round_trip(tok, tmp_path):
   ids, _ = tokenizer_lib.load_tokenizer(str(out))(CAPTIONS, context_length=32)
   np.testing.assert_array_equal(ids, want_ids)
   assert tok.decode(want_ids[0]) == "a photo of a cat"
+
+
+def test_token_cache_returns_what_the_tokenizer_returns_and_tokenizes_each_caption_once():
+  tokenizer = load_tokenizer()
+  calls = []
+
+  def counting(texts, context_length):
+    calls.append(list(texts))
+    return tokenizer(texts, context_length)
+
+  cache = tokenizer_lib.TokenCache(counting, 16, max_entries=3)
+  batches = [["a cat", "a dog", "a cat"], ["a dog", "a bird", "a fish on a very long line " * 4],
+             ["a cat", "a fish on a very long line " * 4, "a dog"], []]
+  for texts in batches:
+    got = cache(texts)
+    want = tokenizer(texts, 16)
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_array_equal(g, w)
+      assert g.dtype == np.int32 and g.shape == (len(texts), 16)
+  # Kept: the first 3 distinct captions; the 4th (over max_entries) is tokenized at each use.
+  assert len(cache) == 3
+  assert calls[1:3] == [["a bird", "a fish on a very long line " * 4],
+                        ["a fish on a very long line " * 4]]

@@ -16,7 +16,8 @@ This module turns records into batches. Images are decoded with the same CLIP pr
 as everything else (preprocess.tf_preprocess); a record whose file is missing or whose bytes
 do not decode is dropped and counted, never passed on and never fatal, unless so many fail
 that the data is evidently wrong (TooManyCorruptImagesError). Captions are tokenized on the
-host in Python (the tokenizer is transformers' Rust one) after batching.
+host in Python (the tokenizer is transformers' Rust one) after batching, each distinct caption
+once (tokenizer.TokenCache).
 
 Augmentation (training only): a random square crop resized back to S x S, then a random
 horizontal flip, both described by four int32 numbers (AUGMENTATION_COLUMNS: crop top, left
@@ -44,6 +45,7 @@ import numpy as np
 
 from clipdistill_jax.data import preprocess
 from clipdistill_jax.data.batches import CaptionFn, CorruptLimits, TooManyCorruptImagesError
+from clipdistill_jax.data.tokenizer import TokenCache
 
 _TF_CONFIGURED = False
 _OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
@@ -381,8 +383,7 @@ class TFTrainIterator:
                class_names: list[str] | None, position: int = 0,
                counts: tuple[int, int] = (0, 0)):
     self._batches = NumpyIterator(batches)
-    self._tokenizer = tokenizer
-    self._context_length = context_length
+    self._tokens = TokenCache(tokenizer, context_length)  # epochs repeat captions
     self._captions = captions
     self._limits = limits
     self._where = where
@@ -404,7 +405,7 @@ class TFTrainIterator:
     if batch["abort"].any():
       raise TooManyCorruptImagesError(
           self._limits.message(self.num_read, self.num_skipped, self._where))
-    input_ids, attention_mask = self._tokenizer(self._captions(batch), self._context_length)
+    input_ids, attention_mask = self._tokens(self._captions(batch))
     return {"image": batch["image"], "input_ids": input_ids, "attention_mask": attention_mask,
             **{k: batch[k] for k in EXAMPLE_FIELDS if k in batch}}
 

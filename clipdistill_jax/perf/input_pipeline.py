@@ -7,7 +7,8 @@ pipeline for JPEG files: read, decode, resize the short side, center crop, norma
 tokenize the captions (CLIP BPE, 77 tokens), batch.
 
   ours  data.pipeline.make_train_iterator on a manifest or TFRecords (the trainer's own
-        iterator; tf.data with as many threads as cores, data.image_decoder 'pil' or 'tf')
+        iterator; tf.data with as many threads as cores, data.image_decoder 'pil' or 'tf',
+        data.decoded_cache_mb as the spec says)
   peer  what a PyTorch user writes: a Dataset that opens each file with PIL and runs
         transformers' CLIPImageProcessor, a collate_fn that runs CLIPTokenizer on the batch's
         captions, a torch DataLoader with one worker process per core (persistent, prefetch
@@ -68,6 +69,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
   cfg.source, cfg.path = spec["source"], spec["path"]
   cfg.num_threads = len(spec["cpus"])
   cfg.image_decoder = spec["image_decoder"]
+  cfg.decoded_cache_mb = spec.get("decoded_cache_mb", cfg.decoded_cache_mb)
   started = time.perf_counter()
   iterator = pipeline.make_train_iterator(
       cfg, global_batch_size=spec["batch_size"], image_size=spec["image_size"],
