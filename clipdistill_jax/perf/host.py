@@ -51,10 +51,10 @@ def run_input(run_child, *, root: Path, batch_size: int, image_size: int,
               context_length: int, num_images: int, jpeg_size: tuple[int, int],
               cores: int | None, decoders: tuple[str, ...], batches: int,
               warmup_batches: int, log, repeats: int = 2) -> dict[str, Any]:
-  """Our pipeline (manifest, TFRecords; each decoder) and the peer, 1 core and all cores;
-  ours decodes every image it reads (data.decoded_cache_mb=0), but for
-  manifest_pil_cached, timed after one whole epoch, whose images the default
-  data.decoded_cache_mb keeps (what every epoch after the first reads in training).
+  """Our pipeline (manifest, TFRecords; each decoder) and the peer, 1 core and all cores.
+  Ours decodes every image it reads (data.decoded_cache_mb=0), except manifest_pil_cached:
+  timed after one whole epoch, it reads what the default data.decoded_cache_mb kept of it,
+  as training does in every epoch after the first.
 
   Every measurement runs `repeats` times, the order of ours and the peer's alternating, and
   the best run counts (on a shared machine the quieter run is the closer to what the code
