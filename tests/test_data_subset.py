@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_data import SIZE, row_ids, write_jsonl, write_local_set
 
-from clipdistill_jax.data import pipeline, preprocess
+from clipdistill_jax.data import caches, pipeline, preprocess
 from clipdistill_jax.data.synthetic import SyntheticCaptions
 from clipdistill_jax.data.tokenizer import load_tokenizer
 
@@ -101,7 +101,7 @@ def test_a_local_set_held_in_memory_reads_what_decoding_each_time_reads(tmp_path
 
 
 def test_decoded_image_cache_keeps_what_fits():
-  cache = preprocess.DecodedImageCache(max_bytes=2 * 16 * 16 * 3)
+  cache = caches.DecodedImageCache(max_bytes=2 * 16 * 16 * 3)
   pixels = [np.full((16, 16, 3), i, np.uint8) for i in range(3)]
   for i, image in enumerate(pixels):
     cache.put(i, image)

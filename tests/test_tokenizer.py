@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import regex
 
+from clipdistill_jax.data import caches
 from clipdistill_jax.data import tokenizer as tokenizer_lib
 from clipdistill_jax.data.tokenizer import ASSETS_DIR, Tokenizer, load_tokenizer
 
@@ -281,7 +282,7 @@ def test_token_cache_returns_what_the_tokenizer_returns_and_tokenizes_each_capti
     calls.append(list(texts))
     return tokenizer(texts, context_length)
 
-  cache = tokenizer_lib.TokenCache(counting, 16, max_entries=3)
+  cache = caches.TokenCache(counting, 16, max_entries=3)
   batches = [["a cat", "a dog", "a cat"], ["a dog", "a bird", "a fish on a very long line " * 4],
              ["a cat", "a fish on a very long line " * 4, "a dog"], []]
   for texts in batches:

@@ -38,6 +38,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from clipdistill_jax.data.caches import DecodedImageCache
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_IMAGE_SIZE = 224
@@ -190,39 +192,6 @@ def preprocess_images(
       and images.shape[1:] == (image_size, image_size, 3)):
     return normalize_pixels(images)
   return np.stack([preprocess_image(image, image_size) for image in images])
-
-
-class DecodedImageCache:
-  """A finite training set's decoded images in memory: uint8 [S, S, 3] (clip_pixels, before
-  normalization) by example id, up to `max_bytes` (data.decoded_cache_mb), so that every
-  epoch after the first decodes only what did not fit. Images that failed to decode are not
-  kept (they are read, and counted as skipped, again each epoch). What comes out is bit for
-  bit what decoding gives. Safe to share between tf.data's threads."""
-
-  def __init__(self, max_bytes: int):
-    self.max_bytes = int(max_bytes)
-    self.nbytes = 0
-    self.hits = self.misses = 0
-    self._pixels: dict[int, np.ndarray] = {}
-    self._lock = threading.Lock()
-
-  def get(self, example_id: int) -> np.ndarray | None:
-    pixels = self._pixels.get(example_id)
-    with self._lock:
-      if pixels is None:
-        self.misses += 1
-      else:
-        self.hits += 1
-    return pixels
-
-  def put(self, example_id: int, pixels: np.ndarray) -> None:
-    with self._lock:
-      if example_id not in self._pixels and self.nbytes + pixels.nbytes <= self.max_bytes:
-        self._pixels[example_id] = np.array(pixels, copy=True)  # not a view of a larger image
-        self.nbytes += pixels.nbytes
-
-  def __len__(self) -> int:
-    return len(self._pixels)
 
 
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -392,21 +361,22 @@ DECODED_IMAGE, DECODED_OK = "_decoded_image", "_decoded_ok"
 def tf_preprocess_records(records, key: str, image_size: int = DEFAULT_IMAGE_SIZE,
                           max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *,
                           from_path: bool = False, num_parallel_calls: int = -1,
-                          cache: DecodedImageCache | None = None):
+                          cache_bytes: int = 0):
   """A tf.data dataset of record dicts -> the same records, each with DECODED_IMAGE (float32
   [S, S, 3]) and DECODED_OK (bool) from tf_preprocess of record[key] (bytes, or a file path
   with from_path), PIL_DECODE_BATCH records per Python call. The records are batched with
   padded_batch on the way: rank-1 string fields of unequal length (several captions) come
   back padded with "", which the caller must treat as no caption. Never raises for the data.
-  `cache`: images looked up and kept by the records' example_id (records without one are
-  always decoded).
+  `cache_bytes` > 0: decoded images are kept in memory, up to that many bytes, by the
+  records' example_id, and read from there when a record comes again (DecodedImageCache;
+  records without example ids are always decoded).
   """
-  by_id = cache is not None and "example_id" in records.element_spec
+  by_id = cache_bytes > 0 and "example_id" in records.element_spec
+  cache = DecodedImageCache(cache_bytes) if by_id else None
 
   def decode(batch):
     image, ok = tf_preprocess(batch[key], image_size, max_image_pixels, from_path=from_path,
-                              example_ids=batch["example_id"] if by_id else None,
-                              cache=cache if by_id else None)
+                              example_ids=batch["example_id"] if by_id else None, cache=cache)
     return {**batch, DECODED_IMAGE: image, DECODED_OK: ok}
 
   return records.padded_batch(PIL_DECODE_BATCH).map(

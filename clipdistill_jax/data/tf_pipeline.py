@@ -16,8 +16,7 @@ This module turns records into batches. Images are decoded with the same CLIP pr
 as everything else (preprocess.tf_preprocess); a record whose file is missing or whose bytes
 do not decode is dropped and counted, never passed on and never fatal, unless so many fail
 that the data is evidently wrong (TooManyCorruptImagesError). Captions are tokenized on the
-host in Python (the tokenizer is transformers' Rust one) after batching, each distinct caption
-once (tokenizer.TokenCache).
+host after batching (transformers' Rust tokenizer), each distinct one once (caches.TokenCache).
 
 Augmentation (training only): a random square crop resized back to S x S, then a random
 horizontal flip, both described by four int32 numbers (AUGMENTATION_COLUMNS: crop top, left
@@ -45,7 +44,7 @@ import numpy as np
 
 from clipdistill_jax.data import preprocess
 from clipdistill_jax.data.batches import CaptionFn, CorruptLimits, TooManyCorruptImagesError
-from clipdistill_jax.data.tokenizer import TokenCache
+from clipdistill_jax.data.caches import TokenCache
 
 _TF_CONFIGURED = False
 _OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
@@ -125,9 +124,7 @@ class DecodeSettings:
   num_views: int | None = None  # K fixed augmented views per example (module docstring)
   all_views: bool = False  # every view of each example at once (the teacher cache writer)
   image_decoder: str = preprocess.DEFAULT_IMAGE_DECODER  # 'pil' | 'tf' (data.image_decoder)
-  # Training with the 'pil' decoder on records with example ids (a finite set): decoded
-  # images kept in memory up to this many bytes (data.decoded_cache_mb; 0: none).
-  decoded_cache_bytes: int = 0
+  decoded_cache_bytes: int = 0  # training: data.decoded_cache_mb in bytes ('pil'; caches.py)
 
 
 AUGMENTATION_COLUMNS = ("top", "left", "side", "flip")
@@ -282,13 +279,9 @@ def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
   if settings.image_decoder == "pil" and (
       from_path or records.element_spec[image_key].dtype == tf.string):
     # PIL_DECODE_BATCH records per Python call, which never raises: no per-element guard.
-    # Training epochs over a finite set read the same images again: decode each once.
-    cache = (preprocess.DecodedImageCache(settings.decoded_cache_bytes)
-             if settings.train and settings.decoded_cache_bytes > 0 and not settings.all_views
-             else None)
     records = preprocess.tf_preprocess_records(
         records, image_key, size, settings.max_image_pixels, from_path=from_path,
-        num_parallel_calls=num_parallel_calls, cache=cache)
+        num_parallel_calls=num_parallel_calls, cache_bytes=settings.decoded_cache_bytes)
 
   def decode(record: dict[str, Any]) -> dict[str, Any]:
     if preprocess.DECODED_IMAGE in record:
@@ -426,8 +419,7 @@ class TFTrainIterator:
 def train_batches(records, settings: DecodeSettings, *, batch_size: int, limits: CorruptLimits,
                   num_parallel_calls: int, prefetch: int, num_threads: int | None,
                   counts: tuple[int, int] = (0, 0)):
-  """Endless tf.data batches (numpy on iteration) from an endless record stream; `counts`
-  as in count_and_filter."""
+  """Endless tf.data batches (numpy on iteration) of endless records; counts: count_and_filter."""
   tf = import_tf()
   examples = decode_records(records, settings, num_parallel_calls)
   batches = count_and_filter(examples, limits, counts).batch(batch_size, drop_remainder=True)

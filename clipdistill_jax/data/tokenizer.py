@@ -129,48 +129,6 @@ class Tokenizer:
     return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size})"
 
 
-# Captions a training iterator keeps tokenized (TokenCache): at 77 tokens about 0.6 KB each.
-TOKEN_CACHE_ENTRIES = 2**17
-
-
-class TokenCache:
-  """A tokenizer's (input_ids, attention_mask) rows by caption, for captions seen before:
-  epochs over a finite set, and a label dataset's templated captions, tokenize each caption
-  once. Keeps up to `max_entries` captions (later new ones are tokenized at every use).
-  Returns what `tokenizer(texts, context_length)` returns, row for row: int32 [N, L] twice.
-  """
-
-  def __init__(self, tokenizer, context_length: int, max_entries: int = TOKEN_CACHE_ENTRIES):
-    self._tokenizer = tokenizer
-    self._context_length = context_length
-    self.max_entries = max_entries
-    self._rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    texts = list(texts)
-    missing = list(dict.fromkeys(t for t in texts if t not in self._rows))
-    if not texts or len(missing) == len(texts):  # nothing to reuse: one tokenizer call
-      input_ids, attention_mask = self._tokenizer(texts, self._context_length)
-      self._keep(texts, input_ids, attention_mask)
-      return input_ids, attention_mask
-    fresh = {}
-    if missing:
-      input_ids, attention_mask = self._tokenizer(missing, self._context_length)
-      fresh = {t: (input_ids[i], attention_mask[i]) for i, t in enumerate(missing)}
-      self._keep(missing, input_ids, attention_mask)
-    rows = [self._rows.get(t) or fresh[t] for t in texts]
-    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
-
-  def _keep(self, texts: list[str], input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
-    for i, text in enumerate(texts):
-      if len(self._rows) >= self.max_entries:
-        return
-      self._rows.setdefault(text, (input_ids[i].copy(), attention_mask[i].copy()))
-
-  def __len__(self) -> int:
-    return len(self._rows)
-
-
 def load_tokenizer(path: str | None = None) -> Tokenizer:
   """The tokenizer of checkpoint dir `path` if it has one, else the packaged CLIP tokenizer.
 
