@@ -126,7 +126,7 @@ for run, r in inp["input"]["runs"].items():
 for cached in (False, True):
   fastest = max(((r["images_per_s"], run) for run, r in inp["input"]["runs"].items()
                  if "error" not in r and not run.startswith("peer")
-                 and run.endswith("_cached_" + run.rsplit("_", 1)[1]) == cached), default=None)
+                 and ("_cached_" in run) == cached), default=None)
   for ours in ("online", "bf16"):
     if rate(ours) and fastest:
       print(f"\ninput ({fastest[1]}) {fastest[0]:.0f} images/s vs the {ours} step's "
