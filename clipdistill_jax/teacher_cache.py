@@ -23,7 +23,7 @@ Multi-view cache (--views K, or data.num_views = K; MobileCLIP's "reinforced" da
 Vasu et al. 2024, apple/ml-mobileclip): every example of the (finite) training set with K
 fixed augmented views, view v's crop and flip a pure function of (data.seed, example id, v),
 of which training shows view pick_view(data.seed, epoch, example id, K) in each epoch
-(pipeline.py, tf_pipeline.view_augmentation / pick_view): augmentation and cached targets
+(pipeline.py, augment.view_augmentation / pick_view): augmentation and cached targets
 stay consistent for any number of epochs, batch size or host count. Per example i (rows in
 example-id order, shards `teacher-views-{first example:09d}.safetensors` of
 `steps_per_shard * train.batch_size` examples):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from clipdistill_jax.data import compat, defaults, pipeline, preprocess, synthetic
-from clipdistill_jax.data.batches import NO_LABEL, TooManyCorruptImagesError
+from clipdistill_jax.data.batches import NO_LABEL, CorruptLimits, TooManyCorruptImagesError
 from clipdistill_jax.data.synthetic import SyntheticCaptions
 from clipdistill_jax.data.tokenizer import load_tokenizer
 from clipdistill_jax.models.config import tiny_config
@@ -372,6 +372,38 @@ def test_all_corrupt_data_raises_instead_of_spinning(local_data, tokenizer):
     next(train_iter(config, tokenizer))
   with pytest.raises(TooManyCorruptImagesError):
     list(eval_data(config, tokenizer))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_corrupt_counts_are_those_of_reading_one_image_at_a_time(batch):
+  """The pipeline counts a batch of decoded rows at a time: every kept row carries the
+  run's num_read / num_skipped up to it, and abort where the limits say so, exactly as
+  counting row by row (CorruptLimits.exceeded), bad runs crossing batch boundaries and
+  counts carried over from before a resume included."""
+  from clipdistill_jax.data import tf_pipeline
+
+  tf = tf_pipeline.import_tf()
+  ok = np.random.default_rng(0).random(90) > 0.3
+  ok[10:21] = False  # 11 bad in a row: across batches of 8
+  ok[60:65] = False
+  limits = CorruptLimits(max_fraction=0.45, check_after=30, max_consecutive=9)
+  counts = (7, 2)
+  rows = tf.data.Dataset.from_tensor_slices({"ok": ok, "position": np.arange(ok.size)})
+  kept = tf_pipeline.count_and_filter(rows.batch(batch), limits, counts).rebatch(
+      4, drop_remainder=False)
+  got = {k: np.concatenate([b[k] for b in kept.as_numpy_iterator()])
+         for k in ("position", "num_read", "num_skipped", "abort")}
+  want = []
+  num_read, num_skipped, consecutive = *counts, 0
+  for position, good in enumerate(ok.tolist()):
+    num_read, num_skipped = num_read + 1, num_skipped + (not good)
+    consecutive = 0 if good else consecutive + 1
+    abort = limits.exceeded(num_read, num_skipped, consecutive)
+    if good or abort:
+      want.append((position, num_read, num_skipped, abort))
+  assert np.asarray(want)[:, 3].any() and not np.asarray(want)[:, 3].all()
+  for i, key in enumerate(("position", "num_read", "num_skipped", "abort")):
+    np.testing.assert_array_equal(got[key], np.asarray(want)[:, i].astype(got[key].dtype), key)
 
 
 # --- manifest rows: quoting, bad rows, caption lists, empty captions ---------------------------

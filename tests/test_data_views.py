@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from test_data import SIZE, row_ids, write_local_set
 
+from clipdistill_jax.data import augment as augment_lib
 from clipdistill_jax.data import pipeline, tf_pipeline
 from clipdistill_jax.data.tokenizer import load_tokenizer
 
@@ -31,7 +32,7 @@ def train_batches(config, tokenizer, n, *, batch, start=0, index=0, count=1):
 
 
 def augmentation(seed, example_id, view, **augment):
-  return tf_pipeline.view_augmentation(seed, example_id, view, image_size=SIZE,
+  return augment_lib.view_augmentation(seed, example_id, view, image_size=SIZE,
                                        **(augment or AUGMENT)).numpy()
 
 
@@ -69,12 +70,12 @@ def test_each_epoch_shows_one_view_of_each_example_and_resumes_exactly(files, to
     np.testing.assert_array_equal(batch["input_ids"], reference["input_ids"])
     epoch = step // 2
     for row, (i, view) in enumerate(zip(batch["example_id"], batch["view"], strict=True)):
-      assert view == int(tf_pipeline.pick_view(4, epoch, i, VIEWS))
+      assert view == int(augment_lib.pick_view(4, epoch, i, VIEWS))
       seen[int(i)].append(int(view))
       params = batch["augmentation"][row]
       np.testing.assert_array_equal(params, augmentation(4, i, view))
       # The image is exactly the unaugmented one with that crop and flip.
-      want = tf_pipeline.apply_augmentation(pixels[i], params, crop=True, flip=True).numpy()
+      want = augment_lib.apply_augmentation(pixels[i], params, crop=True, flip=True).numpy()
       np.testing.assert_allclose(batch["image"][row], want, atol=1e-6)
   for views in seen.values():  # every view once per VIEWS epochs, in a fresh order per round
     assert sorted(views[:VIEWS]) == sorted(views[VIEWS:]) == list(range(VIEWS))
@@ -102,7 +103,7 @@ def test_tfrecord_views_use_the_record_index(files, tokenizer):
     np.testing.assert_array_equal(np.asarray(row_ids(batch, pixels)), 2 * batch["example_id"])
     np.testing.assert_array_equal(batch["example_id"], [0, 1, 2, 3])
     np.testing.assert_array_equal(
-        batch["view"], [int(tf_pipeline.pick_view(1, epoch, i, 2)) for i in range(4)])
+        batch["view"], [int(augment_lib.pick_view(1, epoch, i, 2)) for i in range(4)])
   shuffled = {**config, "shuffle_buffer": 4}
   for batch in train_batches(shuffled, tokenizer, 3, batch=4):
     np.testing.assert_array_equal(np.asarray(row_ids(batch, pixels)), 2 * batch["example_id"])
@@ -169,16 +170,18 @@ def test_num_views_needs_one_caption_per_example():
                                         process_count=1, train=True, num_views=2)
   # Several captions (a TFRecord with two 'txt' values): the record is dropped and counted,
   # one caption (the usual record) is served; a class label has no caption to cache.
-  decoded = tf_pipeline.decode_records(tf.data.Dataset.from_tensors(record), settings, 1)
-  assert not bool(next(iter(decoded))["ok"])
+  def decode(record):
+    return tf_pipeline.decode_batches(tf.data.Dataset.from_tensors(record), settings,
+                                      batch_size=1, num_parallel_calls=1)
+
+  assert not bool(next(iter(decode(record)))["ok"][0])
   single = dict(record, caption=tf.constant(["a dog"]))
-  decoded = tf_pipeline.decode_records(tf.data.Dataset.from_tensors(single), settings, 1)
-  example = next(iter(decoded))
-  assert bool(example["ok"]) and example["caption"].numpy() == b"a dog"
+  example = next(iter(decode(single)))
+  assert bool(example["ok"][0]) and example["caption"].numpy()[0] == b"a dog"
   labelled = {k: v for k, v in record.items() if k != "caption"}
   labelled["label"] = tf.constant(3, tf.int64)
   with pytest.raises(ValueError, match="exactly one caption"):
-    tf_pipeline.decode_records(tf.data.Dataset.from_tensors(labelled), settings, 1)
+    decode(labelled)
   del record["example_id"]
   with pytest.raises(ValueError, match="fixed example ids"):
-    tf_pipeline.decode_records(tf.data.Dataset.from_tensors(record), settings, 1)
+    decode(record)

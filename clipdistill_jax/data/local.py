@@ -30,6 +30,7 @@ from clipdistill_jax.data.tf_pipeline import import_tf
 TFRECORD_IMAGE_FEATURES = ("jpg", "jpeg", "png", "webp", "image", "image/encoded")
 TFRECORD_CAPTION_FEATURES = ("txt", "caption", "text", "image/text")
 _NEVER = 2**62  # "forever" for epoch counters
+_CHUNK_ROWS = 4096  # manifest rows gathered at a time
 
 
 # --- manifests ------------------------------------------------------------------------------
@@ -85,15 +86,25 @@ def manifest_train_records(rows: dict[str, list], *, seed: int, process_index: i
   def epoch_records(epoch):
     order = tf.random.experimental.stateless_shuffle(
         tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(host_seed, tf.int64), epoch]))
-    return tf.data.Dataset.from_tensor_slices(
-        (epoch * n + tf.range(n, dtype=tf.int64), order, tf.fill([n], epoch)))
 
-  indices = tf.data.Dataset.range(start_epoch, _NEVER).flat_map(epoch_records).skip(offset)
-  # Host row i is manifest row i * process_count + process_index (round-robin deal). Several
-  # captions: decode_records draws one from (seed, position), i.e. per epoch.
-  return indices.map(lambda position, i, epoch: {
-      "position": position, "example_id": i * process_count + process_index, "epoch": epoch,
-      **_gather_row(columns, i)})
+    def chunk(start):
+      # The epoch's rows in slices of _CHUNK_ROWS, each gathered in one op: no per-record
+      # function in the stream (that would cost more than decoding a cached image).
+      i = order[start:start + _CHUNK_ROWS]
+      return tf.data.Dataset.from_tensor_slices({
+          "position": epoch * n + start + tf.range(tf.size(i, out_type=tf.int64)),
+          # Host row i is manifest row i * process_count + process_index (round-robin deal).
+          "example_id": i * process_count + process_index,
+          "epoch": tf.fill(tf.shape(i), epoch),
+          # Several captions: padded with "" (no caption) to the chunk's longest row.
+          **{k: v.to_tensor("") if isinstance(v, tf.RaggedTensor) else v
+             for k, v in _gather_row(columns, i).items()}})
+
+    return tf.data.Dataset.range(0, n, _CHUNK_ROWS).flat_map(chunk)
+
+  # Several captions: tf_pipeline.decode_batches draws one from (seed, position), i.e. per
+  # epoch.
+  return tf.data.Dataset.range(start_epoch, _NEVER).flat_map(epoch_records).skip(offset)
 
 
 def manifest_example_records(rows: dict[str, list], *, num_examples: int | None, start: int):

@@ -42,7 +42,7 @@ resumes identically too.
 
 Fixed augmented views (data.num_views = K; manifests, and TFRecords with
 data.num_train_examples): example i has K augmentations, view v's crop box and flip a pure
-function of (data.seed, i, v) (tf_pipeline.view_augmentation), and in its e-th epoch it shows
+function of (data.seed, i, v) (augment.view_augmentation), and in its e-th epoch it shows
 view pick_view(data.seed, e, i, K), every view once per K epochs. Batches then also carry
     example_id      int64   [b]           manifest row / TFRecord index
     view            int32   [b]           in [0, K)
@@ -322,7 +322,7 @@ def make_views_iterator(data_config, *, global_batch_size: int, image_size: int,
   image [b,K,S,S,3], augmentation [b,K,4], example_id (-1: padding), ok, input_ids,
   attention_mask); nothing from start_example >= the training set's size (`num_examples`
   on the iterator). The images and
-  crops are the training pipeline's (same decode, tf_pipeline.view_augmentation); unreadable
+  crops are the training pipeline's (same decode, augment.view_augmentation); unreadable
   images come with ok=False instead of being dropped. TFRecords have no random access: they
   are counted once, and every host reads (not decodes) all records from start_example.
   """

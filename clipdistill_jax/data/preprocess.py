@@ -278,6 +278,57 @@ def decode_and_preprocess(encoded: bytes, image_size: int = DEFAULT_IMAGE_SIZE,
   return preprocess_image(decode_image(encoded, max_image_pixels), image_size)
 
 
+class _NumpyDecoder:
+  """tf_preprocess's Python side, run by tf.numpy_function on a batch (or one) of encoded
+  images or paths, with their example ids when there is a cache. A module-level class, not a
+  closure inside tf_preprocess: autograph converts the tf.data functions that call
+  tf_preprocess and every function defined in them, and converted Python pays autograph's
+  converted_call on each call it makes (about 60 us per cached image)."""
+
+  def __init__(self, image_size: int, max_image_pixels: int | None, from_path: bool,
+               cache: DecodedImageCache | None):
+    self.image_size, self.max_image_pixels = image_size, max_image_pixels
+    self.from_path, self.cache = from_path, cache
+
+  def one(self, encoded) -> tuple[np.ndarray, bool]:
+    import tensorflow as tf
+
+    try:
+      if self.from_path:
+        with tf.io.gfile.GFile(encoded.decode(), "rb") as f:
+          encoded = f.read()
+      return clip_pixels(decode_image(encoded, self.max_image_pixels), self.image_size), True
+    except (CorruptImageError, OSError, tf.errors.OpError) as e:
+      if isinstance(e, ImageTooLargeError):
+        _warn_too_large(e)
+      return np.zeros((self.image_size, self.image_size, 3), np.uint8), False
+
+  def cached(self, encoded, example_id) -> tuple[np.ndarray, bool]:
+    pixels = self.cache.get(int(example_id))
+    if pixels is not None:
+      return pixels, True
+    pixels, ok = self.one(encoded)
+    if ok:
+      self.cache.put(int(example_id), pixels)
+    return pixels, ok
+
+  def __call__(self, encoded, *example_ids) -> tuple[np.ndarray, np.ndarray]:
+    # Graph mode hands a scalar over as `bytes`, eager mode as a 0-d object array; a batch
+    # comes as a 1-d object array of `bytes`.
+    scalar = not isinstance(encoded, np.ndarray) or encoded.ndim == 0
+    encoded = np.reshape(np.asarray(encoded, dtype=object), [-1])
+    size = self.image_size
+    pixels = np.zeros((len(encoded), size, size, 3), np.uint8)
+    ok = np.zeros(len(encoded), bool)
+    ids = np.reshape(example_ids[0], [-1]) if example_ids else [None] * len(encoded)
+    for row, (item, example_id) in enumerate(zip(encoded, ids, strict=True)):
+      pixels[row], ok[row] = (self.one(item) if example_id is None
+                              else self.cached(item, example_id))
+    images = normalize_pixels(pixels)
+    images[~ok] = 0  # undecodable images come out as zeros, not as the normalized black
+    return (images[0], ok[0]) if scalar else (images, ok)
+
+
 def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
                   max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *,
                   from_path: bool = False, example_ids=None,
@@ -293,52 +344,18 @@ def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
   tf.io.gfile filesystem), read in the same call; a file that cannot be read is ok=False too.
   Never raises for the data, so a pipeline needs no per-element error guard. A batch costs
   one tf.numpy_function call (the GIL taken once, not n times): for small images that call's
-  overhead is most of the work (tf_preprocess_records batches records for it).
+  overhead is most of the work (tf_pipeline decodes a batch of records per call).
   With `cache` and `example_ids` (int64, the shape of encoded_bytes), images are looked up
   by example id first, and decoded ones kept there (DecodedImageCache).
   """
   import tensorflow as tf
-
-  def _one(encoded) -> tuple[np.ndarray, bool]:
-    try:
-      if from_path:
-        with tf.io.gfile.GFile(encoded.decode(), "rb") as f:
-          encoded = f.read()
-      return clip_pixels(decode_image(encoded, max_image_pixels), image_size), True
-    except (CorruptImageError, OSError, tf.errors.OpError) as e:
-      if isinstance(e, ImageTooLargeError):
-        _warn_too_large(e)
-      return np.zeros((image_size, image_size, 3), np.uint8), False
-
-  def _cached(encoded, example_id) -> tuple[np.ndarray, bool]:
-    pixels = cache.get(int(example_id))
-    if pixels is not None:
-      return pixels, True
-    pixels, ok = _one(encoded)
-    if ok:
-      cache.put(int(example_id), pixels)
-    return pixels, ok
-
-  def _numpy_preprocess(encoded, *example_ids) -> tuple[np.ndarray, np.ndarray]:
-    # Graph mode hands a scalar over as `bytes`, eager mode as a 0-d object array; a batch
-    # comes as a 1-d object array of `bytes`.
-    scalar = not isinstance(encoded, np.ndarray) or encoded.ndim == 0
-    encoded = np.reshape(np.asarray(encoded, dtype=object), [-1])
-    pixels = np.zeros((len(encoded), image_size, image_size, 3), np.uint8)
-    ok = np.zeros(len(encoded), bool)
-    ids = np.reshape(example_ids[0], [-1]) if example_ids else [None] * len(encoded)
-    for row, (item, example_id) in enumerate(zip(encoded, ids, strict=True)):
-      pixels[row], ok[row] = _one(item) if example_id is None else _cached(item, example_id)
-    # Undecodable images come out as zeros, not as the normalized black.
-    images = np.where(ok[:, None, None, None], normalize_pixels(pixels), np.float32(0))
-    return (images[0], ok[0]) if scalar else (images, ok)
 
   encoded_bytes = tf.convert_to_tensor(encoded_bytes)
   inputs = [encoded_bytes]
   if cache is not None and example_ids is not None:
     inputs.append(tf.convert_to_tensor(example_ids, tf.int64))
   image, ok = tf.numpy_function(
-    _numpy_preprocess,
+    _NumpyDecoder(image_size, max_image_pixels, from_path, cache),
     inputs,
     [tf.float32, tf.bool],
     stateful=False,
@@ -348,39 +365,6 @@ def tf_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
   image.set_shape(batch_shape.concatenate([image_size, image_size, 3]))
   ok.set_shape(batch_shape)
   return image, ok
-
-
-# Records decoded per Python call by tf_preprocess_records. One tf.numpy_function call per
-# image costs about as much CPU as decoding a small JPEG: the benchmark's loop (32 px, batch
-# 64, scripts/benchmark.py --variants=loop) ran at 0.31 of the bare step with one image per
-# call, and 0.42 / 0.51 / 0.49 with 8 / 16 / 32. On 224 px photos decoding dominates anyway.
-PIL_DECODE_BATCH = 16
-DECODED_IMAGE, DECODED_OK = "_decoded_image", "_decoded_ok"
-
-
-def tf_preprocess_records(records, key: str, image_size: int = DEFAULT_IMAGE_SIZE,
-                          max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *,
-                          from_path: bool = False, num_parallel_calls: int = -1,
-                          cache_bytes: int = 0):
-  """A tf.data dataset of record dicts -> the same records, each with DECODED_IMAGE (float32
-  [S, S, 3]) and DECODED_OK (bool) from tf_preprocess of record[key] (bytes, or a file path
-  with from_path), PIL_DECODE_BATCH records per Python call. The records are batched with
-  padded_batch on the way: rank-1 string fields of unequal length (several captions) come
-  back padded with "", which the caller must treat as no caption. Never raises for the data.
-  `cache_bytes` > 0: decoded images are kept in memory, up to that many bytes, by the
-  records' example_id, and read from there when a record comes again (DecodedImageCache;
-  records without example ids are always decoded).
-  """
-  by_id = cache_bytes > 0 and "example_id" in records.element_spec
-  cache = DecodedImageCache(cache_bytes) if by_id else None
-
-  def decode(batch):
-    image, ok = tf_preprocess(batch[key], image_size, max_image_pixels, from_path=from_path,
-                              example_ids=batch["example_id"] if by_id else None, cache=cache)
-    return {**batch, DECODED_IMAGE: image, DECODED_OK: ok}
-
-  return records.padded_batch(PIL_DECODE_BATCH).map(
-      decode, num_parallel_calls=num_parallel_calls, deterministic=True).unbatch()
 
 
 def tf_fast_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
@@ -397,7 +381,7 @@ def tf_fast_preprocess(encoded_bytes, image_size: int = DEFAULT_IMAGE_SIZE,
   Performance section. Also unlike the PIL path: EXIF orientation is not applied, an alpha
   channel is dropped (not composited onto white), and max_image_pixels is checked from the
   JPEG header, but only after decoding for other formats. Undecodable bytes raise inside
-  the op; the pipeline (tf_pipeline.decode_records) turns that into ok=False.
+  the op; the pipeline (tf_pipeline.decode_batches) turns that into ok=False.
   """
   import tensorflow as tf
 

@@ -12,20 +12,22 @@ Every tf.data source (tfds, manifest, TFRecord) yields *records*: dicts with
                    whitespace-only captions do not count, and a record without any other
                    is dropped and counted like an unreadable image;
   label     int64 class id (label datasets; optional for caption datasets).
-This module turns records into batches. Images are decoded with the same CLIP preprocessing
-as everything else (preprocess.tf_preprocess); a record whose file is missing or whose bytes
-do not decode is dropped and counted, never passed on and never fatal, unless so many fail
-that the data is evidently wrong (TooManyCorruptImagesError). Captions are tokenized on the
-host after batching (transformers' Rust tokenizer), each distinct one once (caches.TokenCache).
+This module turns records into batches, a batch of records at a time (decode_batches): one
+tf.data call per batch decodes, augments and checks its examples, so the per-example cost of
+tf.data's own machinery is paid once per batch. Images are decoded with the same CLIP
+preprocessing as everything else (preprocess.tf_preprocess); a record whose file is missing
+or whose bytes do not decode is dropped and counted, never passed on and never fatal, unless
+so many fail that the data is evidently wrong (TooManyCorruptImagesError); dropped rows are
+refilled from the next batch (Dataset.rebatch), so batches stay full. Captions are tokenized
+on the host after batching (transformers' Rust tokenizer), each distinct one once
+(caches.TokenCache).
 
-Augmentation (training only): a random square crop resized back to S x S, then a random
-horizontal flip, both described by four int32 numbers (AUGMENTATION_COLUMNS: crop top, left
-and side in pixels of the preprocessed S x S image, flip 0/1) that augmentation_params draws
-and apply_augmentation applies. Their seed is either
+Augmentation (training only; augment.py): a random square crop resized back to S x S, then a
+random horizontal flip. Its seed is either
   * the record's position (data.num_views None): a new crop every time an example is read;
-  * (data.seed, example_id, view) with view = pick_view(data.seed, epoch, example_id, K)
-    (data.num_views = K): each example has K fixed augmented views, and each epoch shows one
-    of them, so a teacher cache can hold the teacher's output for every view in advance
+  * (data.seed, example_id, view) with view = augment.pick_view(data.seed, epoch, example_id,
+    K) (data.num_views = K): each example has K fixed augmented views, and each epoch shows
+    one of them, so a teacher cache can hold the teacher's output for every view in advance
     (teacher_cache.py). Batches then also carry example_id, view and augmentation.
 
 TensorFlow is imported only here and in the tf sources, so the synthetic path never pays
@@ -38,13 +40,13 @@ import atexit
 import dataclasses
 import weakref
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 
+from clipdistill_jax.data import augment as augment_lib
 from clipdistill_jax.data import preprocess
 from clipdistill_jax.data.batches import CaptionFn, CorruptLimits, TooManyCorruptImagesError
-from clipdistill_jax.data.caches import TokenCache
+from clipdistill_jax.data.caches import DecodedImageCache, TokenCache
 
 _TF_CONFIGURED = False
 _OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
@@ -127,236 +129,225 @@ class DecodeSettings:
   decoded_cache_bytes: int = 0  # training: data.decoded_cache_mb in bytes ('pil'; caches.py)
 
 
-AUGMENTATION_COLUMNS = ("top", "left", "side", "flip")
 # Per-example fields of training batches besides the model inputs (data.num_views only).
 EXAMPLE_FIELDS = ("example_id", "view", "augmentation")
 
 
-# --- augmentation ---------------------------------------------------------------------------
+# --- decoding, a batch of records at a time ----------------------------------------------
 
 
-def augmentation_params(crop_seed, flip_seed, *, image_size: int, crop_min_scale: float,
-                        flip: bool):
-  """One augmentation drawn from two stateless seeds: int32 [4] (AUGMENTATION_COLUMNS).
-
-  Crop: a square of area fraction uniform in [crop_min_scale, 1] of the S x S image (S =
-  image_size), side rounded to whole pixels, top/left uniform over the positions that keep
-  it inside; crop_min_scale = 1 gives (0, 0, S). Flip: 1 with probability 1/2 when `flip`,
-  else 0. crop_seed, flip_seed: int [2] seeds of tf.random's stateless ops.
-  """
-  tf = import_tf()
-  size = image_size
-  if crop_min_scale < 1.0:
-    u = tf.random.stateless_uniform([3], crop_seed)
-    area = crop_min_scale + (1.0 - crop_min_scale) * u[0]
-    side = tf.clip_by_value(tf.cast(tf.round(size * tf.sqrt(area)), tf.int32), 1, size)
-    span = tf.cast(size - side + 1, tf.float32)
-    top = tf.minimum(tf.cast(u[1] * span, tf.int32), size - side)
-    left = tf.minimum(tf.cast(u[2] * span, tf.int32), size - side)
-  else:
-    top, left, side = tf.constant(0), tf.constant(0), tf.constant(size)
-  flipped = (tf.cast(tf.random.stateless_uniform([], flip_seed) < 0.5, tf.int32) if flip
-             else tf.constant(0))
-  return tf.stack([top, left, side, flipped])
+_BLANK = r"[\s\p{Z}]*"  # a caption of only whitespace is no caption
 
 
-def _view_key(seed, example_id, purpose: int, index):
-  """A stateless seed [2] for (data seed, example, purpose, index); purposes keep the view
-  draws and the crops of one example independent."""
-  tf = import_tf()
-  key = tf.stack([tf.cast(seed, tf.int64), tf.cast(example_id, tf.int64)])
-  key = tf.random.experimental.stateless_fold_in(key, tf.constant(purpose, tf.int64))
-  return tf.random.experimental.stateless_fold_in(key, tf.cast(index, tf.int64))
+def _decoded_images(records, settings: DecodeSettings, batch_size: int, drop_remainder: bool,
+                    num_parallel_calls: int):
+  """Batches of records, each with DECODED (float32 [b, S, S, 3], bool ok [b]) for its image.
 
-
-def view_augmentation(seed, example_id, view, *, image_size: int, crop_min_scale: float,
-                      flip: bool):
-  """The augmentation of view `view` of example `example_id`: int32 [4] (AUGMENTATION_COLUMNS),
-  a pure function of (data seed, example id, view). The training pipeline and the teacher
-  cache writer both draw views here."""
-  tf = import_tf()
-  crop_seed, flip_seed = tf.unstack(
-      tf.random.experimental.stateless_split(_view_key(seed, example_id, 0, view), 2))
-  return augmentation_params(crop_seed, flip_seed, image_size=image_size,
-                             crop_min_scale=crop_min_scale, flip=flip)
-
-
-def pick_view(seed, epoch, example_id, num_views: int):
-  """The view (int32 in [0, num_views)) example `example_id` shows in epoch `epoch`.
-
-  Epochs go in rounds of K = num_views: round r = epoch // K shows the K views in an order
-  seeded by (data seed, example id, r), so every view is used once per K epochs and the
-  choice is a pure function of (data seed, epoch, example id).
-  """
-  tf = import_tf()
-  epoch = tf.cast(epoch, tf.int64)
-  order = tf.random.experimental.stateless_shuffle(
-      tf.range(num_views, dtype=tf.int32), seed=_view_key(seed, example_id, 1, epoch // num_views))
-  return order[epoch % num_views]
-
-
-def apply_augmentation(image, params, *, crop: bool, flip: bool):
-  """image float32 [S, S, 3] cropped to params' box and resized back (bilinear), then
-  mirrored left-right where params' flip is 1. crop / flip False skip those ops (their
-  params are then the identity anyway).
-
-  Applied after normalization: crop, bilinear resize and flip are linear, so they commute
-  with it.
-  """
-  tf = import_tf()
-  size = image.shape[0]
-  if crop:
-    top, left, side = params[0], params[1], params[2]
-    cropped = tf.slice(image, tf.stack([top, left, 0]), tf.stack([side, side, 3]))
-    image = tf.image.resize(cropped[None], [size, size], method="bilinear")[0]
-    image.set_shape([size, size, 3])
-  if flip:
-    image = tf.cond(params[3] > 0, lambda: tf.reverse(image, axis=[1]), lambda: image)
-  return image
-
-
-# --- per-record decoding ----------------------------------------------------------------------
-
-
-def decode_records(records, settings: DecodeSettings, num_parallel_calls: int):
-  """records -> examples {image float32 [S,S,3], ok, position, caption | label, template_index}
-  (evaluation: also `captions`, rank-1, every non-empty caption of the record).
-
-  With settings.num_views (train only) examples also carry example_id, view and augmentation
-  int32 [4]; with settings.all_views instead image [K,S,S,3] and augmentation [K,4], every
-  view of the example. Never raises for a bad image: `ok` is False instead (and the image
-  zeros); also False for a record whose captions are all empty or whitespace.
+  Encoded bytes and file paths with the 'pil' decoder are batched first and decoded in one
+  Python call per batch (preprocess.tf_preprocess, which never raises; decoded images kept
+  by example id with settings.decoded_cache_bytes). Otherwise (the 'tf' decoder; decoded
+  uint8 pixels, which differ in size) each record is decoded on its own first, its errors
+  turned into ok=False, and then batched. Rank-1 string fields of unequal length (several
+  captions) are padded with "", which counts as no caption.
   """
   tf = import_tf()
   size = settings.image_size
-  views = settings.num_views if settings.train else None
-  augment = dict(image_size=size, crop_min_scale=settings.crop_min_scale, flip=settings.flip)
-  apply = dict(crop=settings.crop_min_scale < 1.0, flip=settings.flip)
-  if views is not None:
-    keys = set(records.element_spec)
-    if not {"example_id", "epoch"} <= keys and not (settings.all_views and "example_id" in keys):
-      raise ValueError("data.num_views needs records with fixed example ids (a manifest, or "
-                       "TFRecords with data.num_train_examples set).")
-    if records.element_spec.get("caption") is None:
-      raise ValueError("data.num_views caches one teacher text embedding per example, so each "
-                       "example needs exactly one caption (not a class label); unset "
-                       "data.num_views for this data.")
+  from_path = "image_path" in records.element_spec
+  key = "image_path" if from_path else "image"
+  encoded = from_path or records.element_spec[key].dtype == tf.string
+  if settings.image_decoder == "pil" and encoded:
+    by_id = settings.decoded_cache_bytes > 0 and "example_id" in records.element_spec
+    cache = DecodedImageCache(settings.decoded_cache_bytes) if by_id else None
 
-  def load(image_or_path, from_path: bool):
+    def decode(batch):
+      decoded = preprocess.tf_preprocess(
+          batch.pop(key), size, settings.max_image_pixels, from_path=from_path,
+          example_ids=batch["example_id"] if by_id else None, cache=cache)
+      return {**batch, _DECODED: decoded}
+
+    return records.padded_batch(batch_size, drop_remainder=drop_remainder).map(
+        decode, num_parallel_calls=num_parallel_calls, deterministic=True)
+
+  def load(image_or_path):
     encoded = tf.io.read_file(image_or_path) if from_path else image_or_path
-    if encoded.dtype == tf.string:  # the 'tf' decoder ('pil' needs no guard: decode below)
+    if encoded.dtype == tf.string:  # the 'tf' decoder
       return preprocess.tf_fast_preprocess(encoded, size, settings.max_image_pixels)
-    image = tf.numpy_function(lambda pixels: preprocess.preprocess_image(pixels, size),
+    image = tf.numpy_function(tf.autograph.experimental.do_not_convert(
+        lambda pixels: preprocess.preprocess_image(pixels, size)),
                               [encoded], tf.float32, stateful=False)
     image.set_shape([size, size, 3])
     return image, tf.constant(True)
 
-  def guarded_load(image_or_path, from_path: bool):
+  def guarded_load(record):
     # Errors raised by ops (missing file, odd formats, numpy exceptions) end the inner
     # dataset; the fallback element then says ok=False.
-    attempt = tf.data.Dataset.from_tensors(image_or_path).map(
-        lambda x: load(x, from_path)).ignore_errors()
+    attempt = tf.data.Dataset.from_tensors(record.pop(key)).map(load).ignore_errors()
     fallback = tf.data.Dataset.from_tensors((tf.zeros([size, size, 3]), tf.constant(False)))
-    return attempt.concatenate(fallback).take(1).get_single_element()
+    return {**record, _DECODED: attempt.concatenate(fallback).take(1).get_single_element()}
 
-  def augment_views(record, image, example):
-    example_id = record["example_id"]
-    example["example_id"] = example_id
-    if settings.all_views:
-      params = tf.stack([view_augmentation(settings.seed, example_id, v, **augment)
-                         for v in range(views)])
-      example["image"] = tf.stack([apply_augmentation(image, params[v], **apply)
-                                   for v in range(views)])
-    else:
-      view = pick_view(settings.seed, record["epoch"], example_id, views)
-      params = view_augmentation(settings.seed, example_id, view, **augment)
-      example["image"] = apply_augmentation(image, params, **apply)
-      example["view"] = view
-    example["augmentation"] = params
+  return records.map(guarded_load, num_parallel_calls=num_parallel_calls,
+                     deterministic=True).padded_batch(batch_size, drop_remainder=drop_remainder)
 
-  from_path = "image_path" in records.element_spec
-  image_key = "image_path" if from_path else "image"
-  if settings.image_decoder == "pil" and (
-      from_path or records.element_spec[image_key].dtype == tf.string):
-    # PIL_DECODE_BATCH records per Python call, which never raises: no per-element guard.
-    records = preprocess.tf_preprocess_records(
-        records, image_key, size, settings.max_image_pixels, from_path=from_path,
-        num_parallel_calls=num_parallel_calls, cache_bytes=settings.decoded_cache_bytes)
 
-  def decode(record: dict[str, Any]) -> dict[str, Any]:
-    if preprocess.DECODED_IMAGE in record:
-      image, ok = record.pop(preprocess.DECODED_IMAGE), record.pop(preprocess.DECODED_OK)
-    else:
-      image, ok = guarded_load(record[image_key], from_path)
+_DECODED = "_decoded"
+
+
+def decode_batches(records, settings: DecodeSettings, *, batch_size: int, num_parallel_calls: int,
+                   drop_remainder: bool = False):
+  """records -> batches of `batch_size` examples, in record order:
+  {image float32 [b,S,S,3], ok bool [b], position int64 [b], caption string [b] | label int32
+  [b] and template_index int32 [b]} (evaluation: also `captions`, ragged [b, (n)], every
+  non-empty caption of the record).
+
+  With settings.num_views (train only) examples also carry example_id, view and augmentation
+  int32 [b, 4]; with settings.all_views instead image [b,K,S,S,3] and augmentation [b,K,4],
+  every view of the example. Never raises for a bad image: `ok` is False instead (and the
+  image zeros); also False for a record whose captions are all empty or whitespace. Each
+  batch costs a handful of tf.data calls, not a handful per example; per-example random
+  draws (crops, flips, views, caption and template picks: functions of the record's
+  position, or of (seed, example id, view)) run in one tf.map_fn, only when some are drawn.
+  Raises ValueError for records that data.num_views cannot use.
+  """
+  tf = import_tf()
+  views = settings.num_views if settings.train else None
+  augment = dict(image_size=settings.image_size, crop_min_scale=settings.crop_min_scale,
+                 flip=settings.flip)
+  apply = dict(crop=settings.crop_min_scale < 1.0, flip=settings.flip)
+  spec = records.element_spec
+  if views is not None:
+    ids = {"example_id", "epoch"} <= set(spec) or (settings.all_views and "example_id" in spec)
+    if not ids:
+      raise ValueError("data.num_views needs records with fixed example ids (a manifest, or "
+                       "TFRecords with data.num_train_examples set).")
+    if spec.get("caption") is None:
+      raise ValueError("data.num_views caches one teacher text embedding per example, so each "
+                       "example needs exactly one caption (not a class label); unset "
+                       "data.num_views for this data.")
+  several = "caption" in spec and spec["caption"].shape.rank == 1
+  pick_caption = settings.train and views is None and several
+  pick_template = settings.train and "label" in spec and settings.num_templates > 1
+  augmented = settings.train and views is None and (apply["crop"] or apply["flip"])
+
+  def draws(row):
+    """The random draws of one example (row: its position, example_id, epoch, count)."""
     seed = tf.stack([tf.constant(settings.seed, tf.int64),
-                     record["position"] * settings.process_count + settings.process_index])
+                     row["position"] * settings.process_count + settings.process_index])
     crop_seed, flip_seed, text_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    example = {"image": image, "ok": ok, "position": record["position"]}
+    out = {}
+    if views is not None and settings.all_views:
+      out["augmentation"] = tf.stack([
+          augment_lib.view_augmentation(settings.seed, row["example_id"], v, **augment)
+          for v in range(views)])
+    elif views is not None:
+      out["view"] = augment_lib.pick_view(settings.seed, row["epoch"], row["example_id"], views)
+      out["augmentation"] = augment_lib.view_augmentation(settings.seed, row["example_id"],
+                                                          out["view"], **augment)
+    elif augmented:
+      out["augmentation"] = augment_lib.augmentation_params(crop_seed, flip_seed, **augment)
+    if pick_caption:  # several captions: one drawn per use, i.e. per epoch (resumes draw the same)
+      out["pick"] = tf.random.stateless_uniform([], text_seed, 0, tf.maximum(row["count"], 1),
+                                                tf.int32)
+    if pick_template:
+      out["template_index"] = tf.random.stateless_uniform([], text_seed, 0,
+                                                          settings.num_templates, tf.int32)
+    return out
+
+  def examples(batch):
+    image, ok = batch.pop(_DECODED)
+    example = {"image": image, "ok": ok, "position": batch["position"]}
+    n = tf.shape(ok)[0]
+    row = {k: batch[k] for k in ("position", "example_id", "epoch") if k in batch}
+    if "caption" in batch:
+      captions = batch["caption"] if several else batch["caption"][:, None]
+      valid = tf.logical_not(tf.strings.regex_full_match(captions, _BLANK))
+      row["count"] = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
+    drawn = {}
+    if views is not None or augmented or pick_caption or pick_template:
+      shapes = {"augmentation": [views, 4] if settings.all_views else [4], "view": [],
+                "pick": [], "template_index": []}
+      signature = {k: tf.TensorSpec(shapes[k], tf.int32) for k in (
+          (["augmentation"] if views is not None or augmented else [])
+          + (["view"] if views is not None and not settings.all_views else [])
+          + (["pick"] if pick_caption else []) + (["template_index"] if pick_template else []))}
+      drawn = tf.map_fn(draws, row, fn_output_signature=signature)
+    if views is not None or augmented:
+      params = drawn["augmentation"]
+
+      def one(args):
+        pixels, box = args
+        if settings.all_views:
+          return tf.stack([augment_lib.apply_augmentation(pixels, box[v], **apply)
+                           for v in range(views)])
+        return augment_lib.apply_augmentation(pixels, box, **apply)
+
+      example["image"] = tf.map_fn(one, (image, params), fn_output_signature=tf.float32)
     if views is not None:
-      augment_views(record, image, example)
-    elif settings.train:
-      params = augmentation_params(crop_seed, flip_seed, **augment)
-      example["image"] = apply_augmentation(image, params, **apply)
-    if "caption" in record:
-      captions = record["caption"]
-      if captions.shape.rank == 0:
-        captions = captions[None]
-      # Empty or whitespace-only captions are no captions, and an image without a caption is
-      # not an example: it is dropped and counted like an unreadable image.
-      captions = tf.boolean_mask(
-          captions, tf.logical_not(tf.strings.regex_full_match(captions, r"[\s\p{Z}]*")))
-      count = tf.shape(captions)[0]
-      # Several captions per image: training draws one per use (a function of the seed and
-      # the record's position, so of the epoch: resumes draw the same); evaluation takes the
-      # first as `caption` and keeps them all as `captions` (retrieval counts every one).
-      pick = (tf.random.stateless_uniform([], text_seed, 0, tf.maximum(count, 1), tf.int32)
-              if settings.train and views is None else 0)
+      example["example_id"] = batch["example_id"]
+      example["augmentation"] = params
+      if not settings.all_views:
+        example["view"] = drawn["view"]
+    if "caption" in batch:
+      count = row["count"]
       # With fixed views one teacher text embedding serves each example: a record with
-      # several captions cannot be served, so it is dropped and counted like an unreadable one.
-      example["ok"] = example["ok"] & ((count == 1) if views is not None else (count > 0))
-      example["caption"] = tf.gather(tf.concat([captions, [""]], axis=0), pick)
+      # several captions cannot be served, so it is dropped and counted like an unreadable
+      # one. An image without a caption is not an example either.
+      example["ok"] = ok & ((count == 1) if views is not None else (count > 0))
+      # The pick-th non-empty caption (training draws one; evaluation takes the first, and
+      # keeps them all as `captions`: retrieval counts every one); "" when there is none.
+      pick = drawn["pick"] if pick_caption else tf.zeros([n], tf.int32)
+      rank = tf.cumsum(tf.cast(valid, tf.int32), axis=1) - 1
+      chosen = tf.argmax(tf.cast(valid & (rank == pick[:, None]), tf.int32), axis=1,
+                         output_type=tf.int32)
+      example["caption"] = tf.where(count > 0, tf.gather(captions, chosen, batch_dims=1), "")
       if not settings.train:
-        example["captions"] = captions
-    if "label" in record:
-      example["label"] = tf.cast(record["label"], tf.int32)
-      example["template_index"] = (
-          tf.random.stateless_uniform([], text_seed, 0, settings.num_templates, tf.int32)
-          if settings.train else tf.constant(0, tf.int32))
+        example["captions"] = tf.ragged.boolean_mask(captions, valid)
+    if "label" in batch:
+      example["label"] = tf.cast(batch["label"], tf.int32)
+      example["template_index"] = (drawn["template_index"] if pick_template
+                                   else tf.zeros([n], tf.int32))
     return example
 
-  return records.map(decode, num_parallel_calls=num_parallel_calls, deterministic=True)
+  batches = _decoded_images(records, settings, batch_size, drop_remainder, num_parallel_calls)
+  return batches.map(examples, num_parallel_calls=num_parallel_calls, deterministic=True)
 
 
 # --- training batches -----------------------------------------------------------------------
 
 
-def count_and_filter(examples, limits: CorruptLimits, counts: tuple[int, int] = (0, 0)):
-  """Drops ok=False examples; each kept one carries cumulative num_read / num_skipped.
+def count_and_filter(batches, limits: CorruptLimits, counts: tuple[int, int] = (0, 0)):
+  """Drops ok=False rows of decode_batches' batches; each kept row carries the cumulative
+  num_read / num_skipped of the stream up to it. Rows come out in batches of varying size
+  (rebatch them).
 
   `counts`: (num_read, num_skipped) of the run before this stream started (a resumed run
   continues its totals, and the limits apply to the whole run). Once the limits are exceeded
-  every element passes with abort=True, so the host side sees it at once instead of a
-  pipeline spinning over undecodable data forever.
+  rows pass with abort=True, so the host side sees it at once instead of a pipeline
+  spinning over undecodable data forever.
   """
   tf = import_tf()
-  zero = tf.constant(0, tf.int64)
-  start = (tf.constant(int(counts[0]), tf.int64), tf.constant(int(counts[1]), tf.int64), zero)
+  start = (tf.constant(int(counts[0]), tf.int64), tf.constant(int(counts[1]), tf.int64),
+           tf.constant(0, tf.int64))
 
-  def count(state, example):
+  def count(state, batch):
     num_read, num_skipped, consecutive = state
-    bad = tf.logical_not(example["ok"])
-    num_read += 1
-    num_skipped += tf.cast(bad, tf.int64)
-    consecutive = tf.where(bad, consecutive + 1, zero)
-    over_fraction = (num_read >= limits.check_after) & (
-        tf.cast(num_skipped, tf.float64) > limits.max_fraction * tf.cast(num_read, tf.float64))
-    abort = over_fraction | (consecutive >= limits.max_consecutive)
-    example = {**example, "num_read": num_read, "num_skipped": num_skipped, "abort": abort}
-    return (num_read, num_skipped, consecutive), example
+    bad = tf.logical_not(batch["ok"])
+    index = tf.range(1, tf.size(bad, out_type=tf.int64) + 1)  # 1-based, within the batch
+    read = num_read + index
+    skipped = num_skipped + tf.cumsum(tf.cast(bad, tf.int64))
+    # Bad rows in a row up to each row: since the batch's last good row at or before it,
+    # or, with none, the previous batches' run plus this batch's rows so far.
+    goods = tf.cumsum(tf.cast(~bad, tf.int64))
+    last_good = tf.gather(tf.concat([[0], tf.boolean_mask(index, ~bad)], 0), goods)
+    run = tf.where(goods > 0, index - last_good, consecutive + index)
+    over_fraction = (read >= limits.check_after) & (
+        tf.cast(skipped, tf.float64) > limits.max_fraction * tf.cast(read, tf.float64))
+    abort = over_fraction | (run >= limits.max_consecutive)
+    keep = batch["ok"] | abort
+    counted = {**batch, "num_read": read, "num_skipped": skipped, "abort": abort}
+    kept = {k: tf.boolean_mask(v, keep) for k, v in counted.items() if k != "ok"}
+    return (read[-1], skipped[-1], run[-1]), kept
 
-  counted = examples.scan(start, count)
-  kept = counted.filter(lambda example: example["ok"] | example["abort"])
-  return kept.map(lambda example: {k: v for k, v in example.items() if k != "ok"})
+  return batches.scan(start, count)
 
 
 class TFTrainIterator:
@@ -364,7 +355,7 @@ class TFTrainIterator:
 
   Yields {image float32 [b,S,S,3], input_ids int32 [b,L], attention_mask int32 [b,L]}, plus
   with data.num_views example_id int64 [b], view int32 [b] and augmentation int32 [b, 4]
-  (AUGMENTATION_COLUMNS). `num_read` / `num_skipped` count the images this host has
+  (augment.AUGMENTATION_COLUMNS). `num_read` / `num_skipped` count the images this host has
   decoded / dropped as unreadable in the whole run (`counts` carries those of the run before
   a resume); `position` is the place in this host's record stream after the last batch
   handed out: records consumed, skipped ones included. `state()` returns all three, what a
@@ -421,8 +412,9 @@ def train_batches(records, settings: DecodeSettings, *, batch_size: int, limits:
                   counts: tuple[int, int] = (0, 0)):
   """Endless tf.data batches (numpy on iteration) of endless records; counts: count_and_filter."""
   tf = import_tf()
-  examples = decode_records(records, settings, num_parallel_calls)
-  batches = count_and_filter(examples, limits, counts).batch(batch_size, drop_remainder=True)
+  examples = decode_batches(records, settings, batch_size=batch_size,
+                            num_parallel_calls=num_parallel_calls, drop_remainder=True)
+  batches = count_and_filter(examples, limits, counts).rebatch(batch_size, drop_remainder=True)
   batches = batches.prefetch(prefetch if prefetch >= 0 else tf.data.AUTOTUNE)
   return batches.with_options(dataset_options(num_threads))
 
@@ -434,9 +426,9 @@ def eval_chunks(records, settings: DecodeSettings, *, chunk_size: int,
                 num_parallel_calls: int, num_threads: int | None):
   """Finite chunks of decoded examples, corrupt ones still in (ok=False) so the host side
   counts them exactly and drops them (eval_dataset.EvalDataset)."""
-  examples = decode_records(records, settings, num_parallel_calls)
-  # ragged: `captions` differ in number from record to record (numpy: object arrays).
-  chunks = examples.ragged_batch(chunk_size, drop_remainder=False).prefetch(2)
+  # `captions` differ in number from record to record: ragged (numpy: object arrays).
+  chunks = decode_batches(records, settings, batch_size=chunk_size,
+                          num_parallel_calls=num_parallel_calls).prefetch(2)
   return chunks.with_options(dataset_options(num_threads))
 
 
@@ -487,7 +479,8 @@ def views_batches(records, settings: DecodeSettings, *, num_examples: int, start
   p = settings.process_index
   remaining = num_examples - start
   if remaining <= 0:
-    empty = decode_records(records.take(0), settings, num_parallel_calls).batch(b)
+    empty = decode_batches(records.take(0), settings, batch_size=b,
+                           num_parallel_calls=num_parallel_calls)
     return empty.with_options(dataset_options(num_threads))
   last = -(-remaining // global_batch_size) - 1  # index of the last global batch
   real_in_last = min(max(remaining - last * global_batch_size - p * b, 0), b)
@@ -495,6 +488,6 @@ def views_batches(records, settings: DecodeSettings, *, num_examples: int, start
       lambda r: (r["example_id"] - start) % global_batch_size // b == p)
   padding = records.take(1).map(lambda r: {**r, "example_id": tf.constant(-1, tf.int64)})
   mine = mine.concatenate(padding.repeat(b - real_in_last))
-  examples = decode_records(mine, settings, num_parallel_calls)
-  batches = examples.batch(b, drop_remainder=True).prefetch(1)
+  batches = decode_batches(mine, settings, batch_size=b, num_parallel_calls=num_parallel_calls,
+                           drop_remainder=True).prefetch(1)
   return batches.with_options(dataset_options(num_threads))
