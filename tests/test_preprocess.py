@@ -14,6 +14,7 @@ from clipdistill_jax.data.preprocess import (
   CorruptImageError,
   decode_and_preprocess,
   decode_image,
+  normalize_pixels,
   preprocess_image,
   preprocess_images,
   save_preprocessor_config,
@@ -95,6 +96,19 @@ def test_numpy_inputs_match_transformers(photos):
   gray = np.asarray(photos["camera_portrait"])
   np.testing.assert_array_equal(preprocess_image(gray), preprocess_image(photos["camera_portrait"]))
   np.testing.assert_array_equal(preprocess_image(gray[..., None]), preprocess_image(gray))
+
+
+def test_every_pixel_level_is_normalized_as_transformers_does():
+  # normalize_pixels looks uint8 levels up in a table: every level of every channel, through
+  # transformers' rescale and normalize (an image at the model's size: no resize, no crop).
+  levels = np.arange(256, dtype=np.uint8)
+  image = np.stack([np.roll(levels, 85 * c) for c in range(3)], axis=-1).reshape(16, 16, 3)
+  ref = _hf_nhwc(_hf_processor(16), [image])[0]
+  ours = normalize_pixels(image)
+  assert ours.dtype == np.float32
+  np.testing.assert_array_equal(ours, ref)  # bit for bit
+  # Other dtypes are computed, with the same numbers.
+  np.testing.assert_array_equal(normalize_pixels(image.astype(np.int64)), ours)
 
 
 def test_resized_shape_and_crop_offsets_follow_transformers():

@@ -137,11 +137,12 @@ EXAMPLE_FIELDS = ("example_id", "view", "augmentation")
 
 
 _BLANK = r"[\s\p{Z}]*"  # a caption of only whitespace is no caption
+_DECODED = "_decoded"  # the decoded (image, ok) of a batch of records, until examples() takes it
 
 
 def _decoded_images(records, settings: DecodeSettings, batch_size: int, drop_remainder: bool,
                     num_parallel_calls: int):
-  """Batches of records, each with DECODED (float32 [b, S, S, 3], bool ok [b]) for its image.
+  """Batches of records, each with _DECODED = (float32 [b, S, S, 3], bool ok [b]): its images.
 
   Encoded bytes and file paths with the 'pil' decoder are batched first and decoded in one
   Python call per batch (preprocess.tf_preprocess, which never raises; decoded images kept
@@ -172,9 +173,9 @@ def _decoded_images(records, settings: DecodeSettings, batch_size: int, drop_rem
     encoded = tf.io.read_file(image_or_path) if from_path else image_or_path
     if encoded.dtype == tf.string:  # the 'tf' decoder
       return preprocess.tf_fast_preprocess(encoded, size, settings.max_image_pixels)
-    image = tf.numpy_function(tf.autograph.experimental.do_not_convert(
-        lambda pixels: preprocess.preprocess_image(pixels, size)),
-                              [encoded], tf.float32, stateful=False)
+    preprocess_image = tf.autograph.experimental.do_not_convert(
+        lambda pixels: preprocess.preprocess_image(pixels, size))
+    image = tf.numpy_function(preprocess_image, [encoded], tf.float32, stateful=False)
     image.set_shape([size, size, 3])
     return image, tf.constant(True)
 
@@ -187,9 +188,6 @@ def _decoded_images(records, settings: DecodeSettings, batch_size: int, drop_rem
 
   return records.map(guarded_load, num_parallel_calls=num_parallel_calls,
                      deterministic=True).padded_batch(batch_size, drop_remainder=drop_remainder)
-
-
-_DECODED = "_decoded"
 
 
 def decode_batches(records, settings: DecodeSettings, *, batch_size: int, num_parallel_calls: int,
