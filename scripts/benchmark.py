@@ -49,6 +49,8 @@ _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "n of the n x n x n matmul p
 _LOOP_STEPS = flags.DEFINE_integer("loop_steps", 100, "loop: timed steps of train.train.")
 _LOOP_CKPT = flags.DEFINE_integer("loop_checkpoint_every", 0, "loop: checkpoint interval "
                                   "(0: off, only the final save after the timed steps).")
+_LOOP_REPEATS = flags.DEFINE_integer("loop_repeats", 3, "loop: runs of each loop, on JPEGs "
+                                    "and in memory (in turn; the median counts).")
 _INPUT_IMAGES = flags.DEFINE_integer("input_images", 640, "input: JPEG files written.")
 _INPUT_CORES = flags.DEFINE_integer("input_cores", 0, "input: cores of the all-cores runs "
                                     "(0: every core this process may use).")
@@ -85,7 +87,7 @@ def _main() -> None:
       remat_policy=_REMAT.value,
       matmul_size=_MATMUL.value, log=lambda m: print(m, file=sys.stderr, flush=True),
       peer_compile=_PEER_COMPILE.value, loop_steps=_LOOP_STEPS.value,
-      loop_checkpoint_every=_LOOP_CKPT.value or None,
+      loop_checkpoint_every=_LOOP_CKPT.value or None, loop_repeats=_LOOP_REPEATS.value,
       input_images=_INPUT_IMAGES.value, input_cores=_INPUT_CORES.value or None,
       input_batches=_INPUT_BATCHES.value, input_repeats=_INPUT_REPEATS.value,
       input_decoders=_INPUT_DECODERS.value)

@@ -14,7 +14,8 @@ machine the load drifts over minutes, and alternating spreads the drift over all
   remat         online with student.remat_policy=`remat_policy`
   peer          the same step in PyTorch (perf/peer.py: transformers CLIPModel, AdamW, fp32)
   loop          (not by default) train.train's whole loop on JPEG files against the bare
-                step: loop_efficiency (perf/loop.py)
+                step, and the same loop on images held in memory: loop_efficiency,
+                loop_efficiency_in_memory (perf/loop.py)
   input         (not by default) the input pipeline alone against a PyTorch DataLoader peer,
                 per core (perf/host.py, perf/input_pipeline.py)
 
@@ -160,7 +161,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
                   workdir: str | None = None, timeout_s: float = 3600.0,
                   child_env: dict[str, str] | None = None, log=print,
                   loop_steps: int = 100, loop_interval: int | None = None,
-                  loop_checkpoint_every: int | None = None, input_images: int = 640,
+                  loop_checkpoint_every: int | None = None, loop_repeats: int = 3,
+                  input_images: int = 640,
                   input_jpeg_size: tuple[int, int] = (500, 375), input_image_size: int = 224,
                   input_cores: int | None = None,
                   input_decoders: Sequence[str] = ("pil", "tf"), input_batches: int = 8,
@@ -170,10 +172,11 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
   child_env: extra environment variables of the child processes (e.g. XLA_FLAGS).
   interleave: run all of our variants in one process, their steps taken in turn (drift-free
   ratios between them; host memory then is the shared process's), the peer in its own.
-  loop_*: the loop variant's timed steps, its timing interval (None: train.log_every) and
-  checkpoint interval (None: off). input_*: the input variant's JPEG count and size (width,
-  height), output size, cores (None: all this process may use), image decoders, timed and
-  warm-up batches, runs of each (the best counts).
+  loop_*: the loop variant's timed steps, its timing interval (None: train.log_every),
+  checkpoint interval (None: off) and runs of each loop (the median counts). input_*: the
+  input variant's JPEG count and size (width, height), output size, cores (None: all this
+  process may use), image decoders, timed and warm-up batches, runs of each (the best
+  counts).
   """
   from clipdistill_jax import run_builder
   from clipdistill_jax.models import hf
@@ -230,7 +233,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch_size: int, steps: 
                        num_devices=num_devices, config=config.to_dict()),
         loop=dict(steps=loop_steps, warmup_steps=max(warmup_steps, 1) + 1,
                   interval=loop_interval or config.train.log_every,
-                  checkpoint_every=loop_checkpoint_every),
+                  checkpoint_every=loop_checkpoint_every, repeats=loop_repeats),
         input=dict(num_images=input_images, jpeg_size=tuple(input_jpeg_size),
                    image_size=input_image_size, cores=input_cores,
                    decoders=tuple(input_decoders), batches=input_batches,

@@ -24,7 +24,7 @@ from clipdistill_jax.data.tokenizer import DEFAULT_CONTEXT_LENGTH
 
 def run_loop(run_child, *, root: Path, batch_size: int, image_size: int,
              ours_spec: dict[str, Any], steps: int, warmup_steps: int, interval: int,
-             checkpoint_every: int | None, log) -> dict[str, Any]:
+             checkpoint_every: int | None, repeats: int, log) -> dict[str, Any]:
   """The loop variant in one child process (perf/loop.py): its result dict."""
   # As many bare steps as loop steps; the matmul paired with each (perf/common.py) shrunk to
   # a few microseconds so that nothing but the step runs between two bare steps.
@@ -32,12 +32,13 @@ def run_loop(run_child, *, root: Path, batch_size: int, image_size: int,
   spec = dict(name="loop", config=ours_spec["config"], bare=bare, batch_size=batch_size,
               image_size=image_size, workdir=str(root / "loop"), steps=steps,
               warmup_steps=warmup_steps, interval=interval, checkpoint_every=checkpoint_every,
-              num_images=max(4 * batch_size, 256))
+              num_images=max(4 * batch_size, 256), repeats=repeats)
   log("running loop (train.train on JPEGs vs the bare step) ...")
   result = run_child("clipdistill_jax.perf.loop", spec)
   if "error" not in result:
     log(f"  loop: {result['loop']['steps_per_s']:.2f} steps/s vs bare "
-        f"{result['bare']['steps_per_s']:.2f}: loop_efficiency {result['loop_efficiency']:.3f}")
+        f"{result['bare']['steps_per_s']:.2f}: loop_efficiency {result['loop_efficiency']:.3f}"
+        f" (in memory {result['loop_efficiency_in_memory']:.3f})")
   return result
 
 
@@ -146,6 +147,7 @@ def run_variants(names, run_child, *, root: Path, log, batch_size: int, student_
                            ours_spec=ours_spec, log=log, **loop)
     out["loop"] = result
     out["loop_efficiency"] = result.get("loop_efficiency")
+    out["loop_efficiency_in_memory"] = result.get("loop_efficiency_in_memory")
   if "input" in names:
     result = run_input(run_child, root=root, batch_size=batch_size,
                             context_length=DEFAULT_CONTEXT_LENGTH,  # CLIP's 77, as image_size
@@ -164,7 +166,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines.append(f"loop: error {loop['error']}" if "error" in loop else
                  f"loop: {loop['loop']['steps_per_s']:.2f} steps/s vs the bare step's "
                  f"{loop['bare']['steps_per_s']:.2f}: loop_efficiency "
-                 f"{loop['loop_efficiency']:.3f}")
+                 f"{loop['loop_efficiency']:.3f} (median of "
+                 f"{', '.join(f'{e:.3f}' for e in loop['loop_efficiency_all'])}); in memory "
+                 f"{loop['loop_efficiency_in_memory']:.3f}")
   inputs = report.get("input")
   if inputs is not None:
     for name, r in inputs["runs"].items():

@@ -12,10 +12,19 @@ Run by the benchmark (`python -m clipdistill_jax.perf.loop --spec S --out O`):
         evaluator registered for this process ('clock', through eval/evaluators.py's
         registry, the only one config.evals names), which waits for the student's params to
         be ready and notes the time: loop steps/s = steps between first and last note / s.
+  loop_in_memory  the same, on a set of as many images held in memory (data.source
+        'synthetic' with data.num_train_examples: rendered and tokenized once, then read
+        from memory): the loop with an input that costs next to nothing, i.e. what the loop
+        itself (prefetch, metrics, logging) leaves of the bare step.
   bare  the same config's jitted step on a fixed device batch (perf/ours.py's 'online'
-        variant), timed before and after the loop; steps/s = 1 / median step time.
+        variant), timed before and after the loops; steps/s = 1 / median step time.
 
-loop_efficiency = loop steps/s / bare steps/s: 1.0 when the loop adds nothing to the step.
+Both loops run spec['repeats'] times, in turn (each a fresh train.train in its own workdir):
+on a small CPU one run's figure moves by several percent with how the step's and the
+input's threads happen to share the cores. Each reports its median run (and all of them).
+
+loop_efficiency = loop steps/s / bare steps/s: 1.0 when the loop adds nothing to the step;
+loop_efficiency_in_memory likewise for loop_in_memory.
 """
 
 from __future__ import annotations
@@ -44,7 +53,10 @@ def run_loop(spec: dict[str, Any]) -> dict[str, Any]:
   interval = spec["interval"]
   first = interval * max(1, -(-spec["warmup_steps"] // interval))
   total = first + interval * max(1, -(-spec["steps"] // interval))
-  config.data.source, config.data.path = "manifest", data["manifest"]
+  if spec.get("source", "manifest") == "memory":
+    config.data.source, config.data.num_train_examples = "synthetic", spec["num_images"]
+  else:
+    config.data.source, config.data.path = "manifest", data["manifest"]
   config.train.total_steps = total
   config.train.checkpoint_every = spec.get("checkpoint_every") or total + 1
   config.evals, config.eval.zero_shot = (f"clock@{interval}",), ()  # the clock reads no data
@@ -61,7 +73,7 @@ def run_loop(spec: dict[str, Any]) -> dict[str, Any]:
 
   evaluators.EVALUATORS["clock"] = clock
   started = time.perf_counter()
-  train.train(config, str(root / "run"))
+  train.train(config, str(root / spec.get("run_name", "run")))
   wall = time.perf_counter() - started
   # The clock runs at steps interval, 2 * interval, ..., total (an evaluator's schedule).
   notes = [((i + 1) * interval, t) for i, t in notes]
@@ -73,26 +85,44 @@ def run_loop(spec: dict[str, Any]) -> dict[str, Any]:
           "interval_steps_per_s": rates, "median_interval_steps_per_s": statistics.median(rates),
           "first_timed_step": first, "total_steps": total, "wall_s": wall,
           "log_every": config.train.log_every,
+          "data": {"source": config.data.source, "num_train_examples":
+                   config.data.get("num_train_examples")},
           "checkpoint_every": spec.get("checkpoint_every") or None,
           "jpeg_size": [round(size * 4 / 3), size], "mean_jpeg_bytes": data["mean_jpeg_bytes"]}
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+  ranked = sorted(runs, key=lambda r: r["steps_per_s"])
+  return dict(ranked[(len(ranked) - 1) // 2],
+              all_steps_per_s=[r["steps_per_s"] for r in runs])
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
-  """bare, loop, bare: the bare step's median over both runs against the loop."""
+  """bare, then the JPEG and in-memory loops `repeats` times in turn, then bare again: the
+  bare step's median over both bare runs against each loop's median run."""
   bare_before = ours.run(spec["bare"])
-  loop = run_loop(spec)
+  runs: dict[str, list[dict[str, Any]]] = {"manifest": [], "memory": []}
+  for repeat in range(spec.get("repeats", 1)):
+    for source, results in runs.items():
+      results.append(run_loop(dict(spec, source=source, run_name=f"run_{source}_{repeat}")))
   bare_after = ours.run(spec["bare"])
   times = bare_before["step_time"]["all_s"] + bare_after["step_time"]["all_s"]
   bare_steps_per_s = 1.0 / statistics.median(times)
+  loop, in_memory = _median_run(runs["manifest"]), _median_run(runs["memory"])
   return {
       "name": "loop", "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind, "batch_size": spec["batch_size"],
-      "loop": loop,
+      "repeats": spec.get("repeats", 1),
+      "loop": loop, "loop_in_memory": in_memory,
       "bare": {"step_time": common.summarize_times(times), "steps_per_s": bare_steps_per_s,
                "steps_per_s_before": 1.0 / bare_before["step_time"]["median_s"],
                "steps_per_s_after": 1.0 / bare_after["step_time"]["median_s"],
                "compile_s": bare_before["compile_s"]},
       "loop_efficiency": loop["steps_per_s"] / bare_steps_per_s,
+      "loop_efficiency_all": [s / bare_steps_per_s for s in loop["all_steps_per_s"]],
+      "loop_efficiency_in_memory": in_memory["steps_per_s"] / bare_steps_per_s,
+      "loop_efficiency_in_memory_all": [s / bare_steps_per_s
+                                        for s in in_memory["all_steps_per_s"]],
       "loop_images_per_s": loop["steps_per_s"] * spec["batch_size"],
       "bare_images_per_s": bare_steps_per_s * spec["batch_size"],
   }
