@@ -129,6 +129,9 @@ def test_rejects_arrays_it_cannot_read():
     preprocess_image(np.zeros((3, 32, 32), np.uint8))
   with pytest.raises(TypeError, match="PIL image"):
     preprocess_image("photo.jpg")
+  for empty in (np.zeros((0, 5, 3), np.uint8), PIL.Image.new("RGB", (0, 4))):
+    with pytest.raises(ValueError, match="no pixels"):
+      preprocess_image(empty)
   assert preprocess_images([], image_size=16).shape == (0, 16, 16, 3)
 
 

@@ -152,14 +152,14 @@ def clip_pixels(image: ImageLike, image_size: int = DEFAULT_IMAGE_SIZE) -> np.nd
   """One image (PIL, or uint8 [H, W(, C)] array) -> uint8 [S, S, 3]: RGB, the short side
   resized to S with PIL bicubic, center-cropped (CLIPImageProcessor's steps before rescaling).
   Raises ValueError for an image without pixels."""
-  pixels = _rgb_pixels(image)
-  height, width = pixels.shape[:2]
+  # PIL images are resized as they are (RGB); arrays go through PIL (the same pixels).
+  rgb = to_rgb(image) if isinstance(image, PIL.Image.Image) else PIL.Image.fromarray(
+    _rgb_pixels(image))
+  width, height = rgb.size
   if height == 0 or width == 0:
-    raise ValueError(f"Image has no pixels (shape {pixels.shape}).")
+    raise ValueError(f"Image has no pixels (shape {(height, width, 3)}).")
   new_height, new_width = resized_shape(height, width, image_size)
-  resized = PIL.Image.fromarray(pixels).resize(
-    (new_width, new_height), resample=PIL.Image.Resampling.BICUBIC
-  )
+  resized = rgb.resize((new_width, new_height), resample=PIL.Image.Resampling.BICUBIC)
   resized = np.asarray(resized)
   top, left = (new_height - image_size) // 2, (new_width - image_size) // 2
   return resized[top : top + image_size, left : left + image_size]
