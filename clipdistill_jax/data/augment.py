@@ -13,9 +13,10 @@ AUGMENTATION_COLUMNS = ("top", "left", "side", "flip")
 
 
 def _tf():
-  from clipdistill_jax.data.tf_pipeline import import_tf
+  # Called while tf_pipeline builds its datasets (TensorFlow configured by its import_tf).
+  import tensorflow as tf
 
-  return import_tf()
+  return tf
 
 
 def augmentation_params(crop_seed, flip_seed, *, image_size: int, crop_min_scale: float,
