@@ -57,7 +57,8 @@ def _tensor_columns(rows: dict[str, list]) -> dict:
 
 
 def _gather_row(columns: dict, i) -> dict:
-  """Row i: image_path scalar, caption rank-1 (one or more), label scalar."""
+  """Row i (a scalar): image_path scalar, caption rank-1 (one or more), label scalar; rows i
+  (rank-1 [n]): the same with a leading [n], captions ragged [n, (k)] when rows differ."""
   tf = import_tf()
   return {k: tf.gather(v, i) for k, v in columns.items()}
 

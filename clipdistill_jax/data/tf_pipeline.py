@@ -225,6 +225,16 @@ def decode_batches(records, settings: DecodeSettings, *, batch_size: int, num_pa
   pick_caption = settings.train and views is None and several
   pick_template = settings.train and "label" in spec and settings.num_templates > 1
   augmented = settings.train and views is None and (apply["crop"] or apply["flip"])
+  # What `draws` draws per example: int32 of these shapes.
+  drawn_shapes = {}
+  if views is not None or augmented:
+    drawn_shapes["augmentation"] = [views, 4] if settings.all_views else [4]
+  if views is not None and not settings.all_views:
+    drawn_shapes["view"] = []
+  if pick_caption:
+    drawn_shapes["pick"] = []
+  if pick_template:
+    drawn_shapes["template_index"] = []
 
   def draws(row):
     """The random draws of one example (row: its position, example_id, epoch, count)."""
@@ -260,15 +270,10 @@ def decode_batches(records, settings: DecodeSettings, *, batch_size: int, num_pa
       valid = tf.logical_not(tf.strings.regex_full_match(captions, _BLANK))
       row["count"] = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
     drawn = {}
-    if views is not None or augmented or pick_caption or pick_template:
-      shapes = {"augmentation": [views, 4] if settings.all_views else [4], "view": [],
-                "pick": [], "template_index": []}
-      signature = {k: tf.TensorSpec(shapes[k], tf.int32) for k in (
-          (["augmentation"] if views is not None or augmented else [])
-          + (["view"] if views is not None and not settings.all_views else [])
-          + (["pick"] if pick_caption else []) + (["template_index"] if pick_template else []))}
-      drawn = tf.map_fn(draws, row, fn_output_signature=signature)
-    if views is not None or augmented:
+    if drawn_shapes:
+      drawn = tf.map_fn(draws, row, fn_output_signature={
+          k: tf.TensorSpec(shape, tf.int32) for k, shape in drawn_shapes.items()})
+    if "augmentation" in drawn:
       params = drawn["augmentation"]
 
       def one(args):
