@@ -34,6 +34,7 @@ def test_report_has_every_field_for_ours_and_the_peer(report):
                 "fraction_of_matmul_peak", "matmul", "peak_rss_bytes", "first_step_losses"):
       assert key in r, (name, key)
     assert r["step_time"]["runs"] == 2 and r["step_time"]["median_s"] > 0
+    assert r["step_cpu"]["runs"] == 2 and r["step_cpu"]["median_s"] > 0  # process CPU
     assert r["images_per_s"] == pytest.approx(4 / r["step_time"]["median_s"])
     assert r["matmul"]["flops_per_s"] > 0 and len(r["matmul"]["measurements"]) == 2
     assert r["peak_rss_bytes"] > 0

@@ -185,6 +185,7 @@ def test_loop_runs_the_trainer_on_jpegs_and_times_its_steps(tmp_path):
   assert result["timed_steps"] == 4 and result["total_steps"] == 6
   assert result["first_timed_step"] == 2 and result["jpeg_size"] == [43, 32]
   assert len(result["interval_steps_per_s"]) == 2 and result["steps_per_s"] > 0
+  assert result["cpu_s_per_step"] > 0  # the process's CPU between the first and last note
   # Checkpoints off: none within the timed steps (2, 6); the final save comes after them.
   manager = checkpoints.make_manager(str(tmp_path / "loop" / "run"), save_every=100, keep=3)
   saved = list(manager.all_steps())
@@ -206,9 +207,41 @@ def test_loop_report_takes_the_median_run_and_says_so():
 
   runs = [{"steps_per_s": s} for s in (30.0, 40.0, 35.0)]
   assert loop._median_run(runs) == {"steps_per_s": 35.0, "all_steps_per_s": [30.0, 40.0, 35.0]}
-  report = {"loop": {"loop": {"steps_per_s": 35.0}, "bare": {"steps_per_s": 50.0},
+  report = {"loop": {"loop": {"steps_per_s": 35.0, "cpu_s_per_step": 0.047},
+                     "bare": {"steps_per_s": 50.0, "cpu_s_per_step": 0.0346}, "cores": 2,
                      "loop_efficiency": 0.7, "loop_efficiency_all": [0.6, 0.8, 0.7],
-                     "loop_efficiency_in_memory": 0.9}}
+                     "loop_efficiency_in_memory": 0.9, "loop_efficiency_cpu_ceiling": 0.851}}
   assert host.summary_lines(report) == [
       "loop: 35.00 steps/s vs the bare step's 50.00: loop_efficiency 0.700 (median of 0.600, "
-      "0.800, 0.700); in memory 0.900"]
+      "0.800, 0.700); in memory 0.900; the cores allow 0.851 (47.0 ms of CPU per loop step, "
+      "34.6 per bare step, 2 cores)"]
+
+
+def test_loop_cpu_ceiling_is_what_the_cores_allow():
+  from clipdistill_jax.perf import loop
+
+  # A 20 ms bare step; a loop step needing 47 ms of CPU on 2 cores takes >= 23.5 ms.
+  assert loop.cpu_ceiling(0.020, 0.047, 2) == pytest.approx(0.020 / 0.0235)
+  assert loop.cpu_ceiling(0.020, 0.030, 2) == 1.0  # the cores have room: no ceiling below 1
+  assert loop.cpu_ceiling(0.020, 0.047, 16) == 1.0
+
+
+def test_step_timing_reports_cpu_time_apart_from_wall_time():
+  import time
+
+  from clipdistill_jax.perf import common
+
+  def spin():  # 20 ms of this process's CPU
+    start = time.process_time()
+    while time.process_time() - start < 0.02:
+      pass
+
+  def matmul():
+    time.sleep(1e-4)
+
+  times, peaks, cpu = common.time_steps_with_peak(lambda: time.sleep(0.05), matmul, 2, 2,
+                                                  matmul_runs=1)
+  assert len(times) == len(peaks) == len(cpu) == 2
+  assert min(times) >= 0.05 and max(cpu) < 0.025  # sleeping takes wall time, not CPU
+  _, _, cpu = common.time_steps_with_peak(spin, matmul, 2, 2, matmul_runs=1)
+  assert min(cpu) >= 0.02

@@ -338,14 +338,15 @@ def _leaves(config):
 
 
 def _pool(results: list[dict[str, Any]]) -> dict[str, Any]:
-  """One variant's repeats as one result: the timed steps of all repeats pooled (median over
-  all of them), the best matmul peak of all, the largest peak RSS, the first repeat's losses."""
+  """One variant's repeats as one result: the timed steps (wall and CPU) of all repeats
+  pooled (median over all of them), the best matmul peak of all, the largest peak RSS, the
+  first repeat's losses."""
   ok = [r for r in results if "error" not in r]
   if not ok:
     return results[-1]
   pooled = dict(ok[0])
-  pooled["step_time"] = common.summarize_times(
-      [t for r in ok for t in r["step_time"]["all_s"]])
+  for key in ("step_time", "step_cpu"):
+    pooled[key] = common.summarize_times([t for r in ok for t in r[key]["all_s"]])
   pooled["paired_matmul_flops_per_s"] = [p for r in ok for p in r["paired_matmul_flops_per_s"]]
   pooled["repeat_medians_s"] = [r["step_time"]["median_s"] for r in ok]
   pooled["repeats"] = len(ok)

@@ -67,19 +67,22 @@ def time_calls(fn: Callable[[], Any], runs: int) -> list[float]:
 
 
 def time_steps_with_peak(step: Callable[[], Any], run_matmul: Callable[[], Any], n: int,
-                         steps: int, matmul_runs: int = 3) -> tuple[list[float], list[float]]:
+                         steps: int, matmul_runs: int = 3
+                         ) -> tuple[list[float], list[float], list[float]]:
   """Times `steps` blocking calls of step; right after each, the matmul peak (FLOP/s of the
   fastest of `matmul_runs` [n, n] @ [n, n]). Each step is paired with a peak measured under
   the same machine conditions: on a shared host the CPU's speed drifts by 20-30% within
   minutes (other tenants), and a step divided by its own neighbouring peak cancels most of
-  that drift."""
-  times, peaks = [], []
+  that drift. Returns (wall seconds, paired FLOP/s, process CPU seconds) per step, the CPU
+  time of all the process's threads during the step (time.process_time)."""
+  times, peaks, cpu = [], [], []
   for _ in range(steps):
-    start = time.perf_counter()
+    cpu_start, start = time.process_time(), time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - cpu_start)
     peaks.append(matmul_flops(n) / min(time_calls(run_matmul, matmul_runs)))
-  return times, peaks
+  return times, peaks, cpu
 
 
 def summarize_times(times: list[float]) -> dict[str, Any]:
@@ -105,6 +108,13 @@ def best_peak(measurements: list[dict[str, Any]]) -> dict[str, Any]:
   makes our fraction of peak the conservative one."""
   best = max(measurements, key=lambda m: m["flops_per_s"])
   return {**best, "measurements": measurements}
+
+
+def available_cores() -> list[int]:
+  """The CPU cores this process may run on (its affinity; all of them where there is none)."""
+  if hasattr(os, "sched_getaffinity"):
+    return sorted(os.sched_getaffinity(0))
+  return list(range(os.cpu_count() or 1))
 
 
 # --- host memory ----------------------------------------------------------------------------

@@ -14,12 +14,12 @@ for each of our image decoders asked for. Figures:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from clipdistill_jax.data import preprocess
 from clipdistill_jax.data.tokenizer import DEFAULT_CONTEXT_LENGTH
+from clipdistill_jax.perf import common
 
 
 def run_loop(run_child, *, root: Path, batch_size: int, image_size: int,
@@ -36,15 +36,12 @@ def run_loop(run_child, *, root: Path, batch_size: int, image_size: int,
   log("running loop (train.train on JPEGs vs the bare step) ...")
   result = run_child("clipdistill_jax.perf.loop", spec)
   if "error" not in result:
-    log(f"  loop: {result['loop']['steps_per_s']:.2f} steps/s vs bare "
-        f"{result['bare']['steps_per_s']:.2f}: loop_efficiency {result['loop_efficiency']:.3f}"
-        f" (in memory {result['loop_efficiency_in_memory']:.3f})")
+    log("  " + _loop_line(result))
   return result
 
 
 def _cores(requested: int | None) -> list[int]:
-  available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
-      range(os.cpu_count() or 1))
+  available = common.available_cores()
   return available[:requested] if requested else available
 
 
@@ -148,6 +145,7 @@ def run_variants(names, run_child, *, root: Path, log, batch_size: int, student_
     out["loop"] = result
     out["loop_efficiency"] = result.get("loop_efficiency")
     out["loop_efficiency_in_memory"] = result.get("loop_efficiency_in_memory")
+    out["loop_efficiency_cpu_ceiling"] = result.get("loop_efficiency_cpu_ceiling")
   if "input" in names:
     result = run_input(run_child, root=root, batch_size=batch_size,
                             context_length=DEFAULT_CONTEXT_LENGTH,  # CLIP's 77, as image_size
@@ -158,17 +156,22 @@ def run_variants(names, run_child, *, root: Path, log, batch_size: int, student_
   return out
 
 
+def _loop_line(loop: dict[str, Any]) -> str:
+  runs = ", ".join(f"{e:.3f}" for e in loop["loop_efficiency_all"])
+  return (f"loop: {loop['loop']['steps_per_s']:.2f} steps/s vs the bare step's "
+          f"{loop['bare']['steps_per_s']:.2f}: loop_efficiency {loop['loop_efficiency']:.3f} "
+          f"(median of {runs}); in memory {loop['loop_efficiency_in_memory']:.3f}; the cores "
+          f"allow {loop['loop_efficiency_cpu_ceiling']:.3f} "
+          f"({loop['loop']['cpu_s_per_step'] * 1e3:.1f} ms of CPU per loop step, "
+          f"{loop['bare']['cpu_s_per_step'] * 1e3:.1f} per bare step, {loop['cores']} cores)")
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
   """The loop and input variants' headline figures, one line each."""
   lines = []
   loop = report.get("loop")
   if loop is not None:
-    lines.append(f"loop: error {loop['error']}" if "error" in loop else
-                 f"loop: {loop['loop']['steps_per_s']:.2f} steps/s vs the bare step's "
-                 f"{loop['bare']['steps_per_s']:.2f}: loop_efficiency "
-                 f"{loop['loop_efficiency']:.3f} (median of "
-                 f"{', '.join(f'{e:.3f}' for e in loop['loop_efficiency_all'])}); in memory "
-                 f"{loop['loop_efficiency_in_memory']:.3f}")
+    lines.append(f"loop: error {loop['error']}" if "error" in loop else _loop_line(loop))
   inputs = report.get("input")
   if inputs is not None:
     for name, r in inputs["runs"].items():

@@ -25,6 +25,14 @@ input's threads happen to share the cores. Each reports its median run (and all 
 
 loop_efficiency = loop steps/s / bare steps/s: 1.0 when the loop adds nothing to the step;
 loop_efficiency_in_memory likewise for loop_in_memory.
+
+Each loop run and the bare step also report the process's CPU seconds per step (all
+threads, time.process_time): loop_extra_cpu_s_per_step is what the loop's input and host
+work add to the bare step's, and loop_efficiency_cpu_ceiling the efficiency the host's cores
+allow once that work is counted (cpu_ceiling): on a CPU backend the step's compute threads
+and the host's work share the same cores, so the loop cannot beat it however it is
+scheduled; on an accelerator the step's compute is not host CPU, and the ceiling stays at 1
+unless the host's work outgrows its cores.
 """
 
 from __future__ import annotations
@@ -67,7 +75,7 @@ def run_loop(spec: dict[str, Any]) -> dict[str, Any]:
 
     def note(student_params) -> dict:
       jax.block_until_ready(student_params)
-      notes.append((len(notes), time.perf_counter()))
+      notes.append((len(notes), time.perf_counter(), time.process_time()))
       return {}
     return note
 
@@ -76,12 +84,13 @@ def run_loop(spec: dict[str, Any]) -> dict[str, Any]:
   train.train(config, str(root / spec.get("run_name", "run")))
   wall = time.perf_counter() - started
   # The clock runs at steps interval, 2 * interval, ..., total (an evaluator's schedule).
-  notes = [((i + 1) * interval, t) for i, t in notes]
-  timed = [(s, t) for s, t in notes if s >= first]
+  notes = [((i + 1) * interval, t, cpu) for i, t, cpu in notes]
+  timed = [note for note in notes if note[0] >= first]
   steps = timed[-1][0] - timed[0][0]
   seconds = timed[-1][1] - timed[0][1]
   rates = [(b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(timed, timed[1:], strict=False)]
   return {"steps_per_s": steps / seconds, "timed_steps": steps, "timed_seconds": seconds,
+          "cpu_s_per_step": (timed[-1][2] - timed[0][2]) / steps,
           "interval_steps_per_s": rates, "median_interval_steps_per_s": statistics.median(rates),
           "first_timed_step": first, "total_steps": total, "wall_s": wall,
           "log_every": config.train.log_every,
@@ -97,6 +106,15 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
               all_steps_per_s=[r["steps_per_s"] for r in runs])
 
 
+def cpu_ceiling(bare_step_s: float, loop_cpu_s_per_step: float, cores: int) -> float:
+  """The loop efficiency the host's cores allow: a loop step that needs `loop_cpu_s_per_step`
+  CPU seconds (all threads: on a CPU backend the step's own compute threads too) takes at
+  least that / `cores` seconds even if the work were spread perfectly over the cores, so the
+  loop cannot beat bare_step_s / (loop_cpu_s_per_step / cores). Capped at 1 (seconds in,
+  a fraction out)."""
+  return min(1.0, cores * bare_step_s / loop_cpu_s_per_step)
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
   """bare, then the JPEG and in-memory loops `repeats` times in turn, then bare again: the
   bare step's median over both bare runs against each loop's median run."""
@@ -107,24 +125,33 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
       results.append(run_loop(dict(spec, source=source, run_name=f"run_{source}_{repeat}")))
   bare_after = ours.run(spec["bare"])
   times = bare_before["step_time"]["all_s"] + bare_after["step_time"]["all_s"]
-  bare_steps_per_s = 1.0 / statistics.median(times)
+  bare_step_s = statistics.median(times)
+  bare_cpu_s = statistics.median(bare_before["step_cpu"]["all_s"] +
+                                 bare_after["step_cpu"]["all_s"])
   loop, in_memory = _median_run(runs["manifest"]), _median_run(runs["memory"])
+  cores = len(common.available_cores())
   return {
       "name": "loop", "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind, "batch_size": spec["batch_size"],
-      "repeats": spec.get("repeats", 1),
+      "repeats": spec.get("repeats", 1), "cores": cores,
       "loop": loop, "loop_in_memory": in_memory,
-      "bare": {"step_time": common.summarize_times(times), "steps_per_s": bare_steps_per_s,
+      "bare": {"step_time": common.summarize_times(times), "steps_per_s": 1.0 / bare_step_s,
                "steps_per_s_before": 1.0 / bare_before["step_time"]["median_s"],
                "steps_per_s_after": 1.0 / bare_after["step_time"]["median_s"],
-               "compile_s": bare_before["compile_s"]},
-      "loop_efficiency": loop["steps_per_s"] / bare_steps_per_s,
-      "loop_efficiency_all": [s / bare_steps_per_s for s in loop["all_steps_per_s"]],
-      "loop_efficiency_in_memory": in_memory["steps_per_s"] / bare_steps_per_s,
-      "loop_efficiency_in_memory_all": [s / bare_steps_per_s
-                                        for s in in_memory["all_steps_per_s"]],
+               "cpu_s_per_step": bare_cpu_s, "compile_s": bare_before["compile_s"]},
+      "loop_efficiency": loop["steps_per_s"] * bare_step_s,
+      "loop_efficiency_all": [s * bare_step_s for s in loop["all_steps_per_s"]],
+      "loop_efficiency_in_memory": in_memory["steps_per_s"] * bare_step_s,
+      "loop_efficiency_in_memory_all": [s * bare_step_s for s in in_memory["all_steps_per_s"]],
+      # What each loop step costs the host's CPU beyond the bare step's, and the efficiency
+      # the cores would allow with that work spread perfectly over them (cpu_ceiling).
+      "loop_extra_cpu_s_per_step": loop["cpu_s_per_step"] - bare_cpu_s,
+      "loop_in_memory_extra_cpu_s_per_step": in_memory["cpu_s_per_step"] - bare_cpu_s,
+      "loop_efficiency_cpu_ceiling": cpu_ceiling(bare_step_s, loop["cpu_s_per_step"], cores),
+      "loop_efficiency_in_memory_cpu_ceiling": cpu_ceiling(
+          bare_step_s, in_memory["cpu_s_per_step"], cores),
       "loop_images_per_s": loop["steps_per_s"] * spec["batch_size"],
-      "bare_images_per_s": bare_steps_per_s * spec["batch_size"],
+      "bare_images_per_s": spec["batch_size"] / bare_step_s,
   }
 
 

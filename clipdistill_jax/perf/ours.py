@@ -126,12 +126,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
   before = common.matmul_peak(matmul, n, runs, "before steps")
   reset_ok = common.reset_peak_rss()
   rss_before = common.rss_bytes()
-  times, paired_peaks = common.time_steps_with_peak(built.step, matmul, n, spec["steps"])
+  times, paired_peaks, cpu = common.time_steps_with_peak(built.step, matmul, n, spec["steps"])
   peak = common.peak_rss_bytes()
   mm = common.best_peak([before, common.matmul_peak(matmul, n, runs, "after steps")])
   return {
       **built.info,
-      "step_time": common.summarize_times(times),
+      "step_time": common.summarize_times(times), "step_cpu": common.summarize_times(cpu),
       "paired_matmul_flops_per_s": paired_peaks,
       "rss_before_steps_bytes": rss_before, "peak_rss_bytes": peak,
       "peak_rss_reset": reset_ok,
@@ -150,20 +150,23 @@ def run_interleaved(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
   n, runs = spec["matmul_size"], spec["matmul_runs"]
   before = common.matmul_peak(matmul, n, runs, "before steps")
   times = {b.info["name"]: [] for b in built}
+  cpu = {b.info["name"]: [] for b in built}
   peaks = {b.info["name"]: [] for b in built}
   rss = {b.info["name"]: 0 for b in built}
   for i in range(spec["steps"]):
     for b in built[i % len(built):] + built[:i % len(built)]:
       common.reset_peak_rss()
-      t, p = common.time_steps_with_peak(b.step, matmul, n, 1)
+      t, p, c = common.time_steps_with_peak(b.step, matmul, n, 1)
       name = b.info["name"]
       times[name] += t
+      cpu[name] += c
       peaks[name] += p
       rss[name] = max(rss[name], common.peak_rss_bytes() or 0)
   mm = common.best_peak([before, common.matmul_peak(matmul, n, runs, "after steps")])
   return {b.info["name"]: {
       **b.info, "interleaved_with": [x.info["name"] for x in built],
       "step_time": common.summarize_times(times[b.info["name"]]),
+      "step_cpu": common.summarize_times(cpu[b.info["name"]]),
       "paired_matmul_flops_per_s": peaks[b.info["name"]],
       "peak_rss_bytes": rss[b.info["name"]], "peak_rss_shared_process": True,
       "matmul": {**mm, "flops_per_s_all_devices": mm["flops_per_s"] * len(b.devices)},

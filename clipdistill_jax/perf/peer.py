@@ -220,7 +220,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
   before = common.matmul_peak(matmul, n, runs, "before steps")
   reset_ok = common.reset_peak_rss()
   rss_before = common.rss_bytes()
-  times, paired_peaks = common.time_steps_with_peak(step, matmul, n, spec["steps"])
+  times, paired_peaks, cpu = common.time_steps_with_peak(step, matmul, n, spec["steps"])
   peak = common.peak_rss_bytes()
   mm = common.best_peak([before, common.matmul_peak(matmul, n, runs, "after steps")])
   return {
@@ -229,6 +229,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
       "amp_bf16": bool(amp), "compiled": bool(spec.get("compile")),
       "device_kind": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
       "step_time": common.summarize_times(times), "first_step_losses": first,
+      "step_cpu": common.summarize_times(cpu),
       "paired_matmul_flops_per_s": paired_peaks,
       "rss_before_steps_bytes": rss_before, "peak_rss_bytes": peak,
       "peak_rss_reset": reset_ok,
