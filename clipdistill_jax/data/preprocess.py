@@ -170,19 +170,23 @@ def _normalize(pixels: np.ndarray) -> np.ndarray:
   return (scaled - np.asarray(OPENAI_MEAN, np.float32)) / np.asarray(OPENAI_STD, np.float32)
 
 
-# normalize_pixels' value of every uint8 level in every channel: float32 [256, 3].
-_NORMALIZED_LEVELS = _normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1))
-_CHANNELS = np.arange(3)
+# normalize_pixels' value of every uint8 level, one float32 [256] table per channel.
+_NORMALIZED_LEVELS = tuple(np.ascontiguousarray(column) for column in _normalize(
+    np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)).T)
 
 
 def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
   """uint8 [..., 3] -> float32: x * (1/255) in float64, cast to float32, then (x - mean) / std
   in float32 (CLIPImageProcessor's rescale and normalize), element by element. The result
   depends only on the level and the channel, so uint8 input is looked up in a table of
-  those 768 values (the same numbers, about 2x faster than computing them)."""
-  if pixels.dtype != np.uint8:
+  those 768 values, a channel at a time (the same numbers, about 2x faster than computing
+  them)."""
+  if pixels.dtype != np.uint8 or pixels.shape[-1:] != (3,):
     return _normalize(pixels)
-  return _NORMALIZED_LEVELS[pixels, _CHANNELS]
+  out = np.empty(pixels.shape, np.float32)
+  for channel, table in enumerate(_NORMALIZED_LEVELS):
+    out[..., channel] = table[pixels[..., channel]]
+  return out
 
 
 def preprocess_image(image: ImageLike, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
