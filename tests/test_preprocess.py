@@ -109,6 +109,11 @@ def test_every_pixel_level_is_normalized_as_transformers_does():
   np.testing.assert_array_equal(ours, ref)  # bit for bit
   # Other dtypes are computed, with the same numbers.
   np.testing.assert_array_equal(normalize_pixels(image.astype(np.int64)), ours)
+  # One channel broadcasts to three (each with its own mean and std), as computed; an empty
+  # batch stays empty.
+  gray = image[..., :1]
+  np.testing.assert_array_equal(normalize_pixels(gray), normalize_pixels(np.repeat(gray, 3, -1)))
+  assert normalize_pixels(np.zeros((0, 16, 16, 3), np.uint8)).shape == (0, 16, 16, 3)
 
 
 def test_resized_shape_and_crop_offsets_follow_transformers():
